@@ -19,13 +19,13 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Hashable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
 from casa_cli.inputs import InputError, Sample
-from casa_cli.output import RecordWriter, done_ids, progress, read_records
+from casa_cli.output import RecordWriter, progress, read_records
 
 # Ranks wait at the last barrier for the slowest shard; shards are balanced, but a slow model
 # load or a node's stragglers can take longer than the default (10 min for NCCL) allows.
@@ -141,21 +141,32 @@ def part_files(output: Path) -> list[Path]:
     return sorted(output.parent.glob(f"{glob.escape(output.name)}.rank*-of-*.part"))
 
 
-def merge(order: Sequence[str], sources: Iterable[Iterable[dict]]) -> list[dict]:
-    """The records of `sources` in input order (`order`: the input's ids, in order). An id
-    the input holds twice takes its records in turn; a record beyond that is a copy (from a
-    merge killed before it removed the parts) and is dropped. Records of ids not in the input
-    (left in --output by an earlier run) are kept, after the others."""
-    by_id: dict[str, deque] = defaultdict(deque)
+def record_id(record: dict):
+    return record["id"]
+
+
+def merge(order: Sequence, sources: Iterable[Iterable[dict]],
+          key: Callable[[dict], Hashable] = record_id) -> list[dict]:
+    """The records of `sources` in input order (`order`: the input's keys, in order; a
+    record's key is `key(record)`, its id by default). A key the input holds twice takes its
+    records in turn. A record beyond that (a copy from a merge killed before it removed the
+    parts, or the error record of a failure a resumed run retried) is dropped: finished
+    records are taken before error records. Records of keys not in the input (left in
+    --output by an earlier run) are kept, after the others."""
+    by_key: dict = defaultdict(list)
     for records in sources:
         for record in records:
-            by_id[record["id"]].append(record)
-    merged = [by_id[i].popleft() for i in order if by_id.get(i)]
+            by_key[key(record)].append(record)
+    for records in by_key.values():
+        records.sort(key=lambda r: "error" in r)  # stable: file order otherwise
+    queues = {k: deque(records) for k, records in by_key.items()}
+    merged = [queues[k].popleft() for k in order if queues.get(k)]
     wanted = set(order)
-    return merged + [r for i, queue in by_id.items() if i not in wanted for r in queue]
+    return merged + [r for k, queue in queues.items() if k not in wanted for r in queue]
 
 
-def merge_parts(output: Path, order: Sequence[str], size: int) -> None:
+def merge_parts(output: Path, order: Sequence, size: int,
+                key: Callable[[dict], Hashable] = record_id) -> None:
     """--output (what a resumed run keeps) and all part files into --output, in input order;
     then the parts are removed. Written aside and renamed, so a kill midway loses nothing.
     Every rank of this run (`size` ranks) has opened its part file, so one that is missing
@@ -166,7 +177,7 @@ def merge_parts(output: Path, order: Sequence[str], size: int) -> None:
         raise RuntimeError(f"{missing[0]} is not visible to rank 0: under torchrun on several "
                            "machines, --output must be on a filesystem they all share")
     parts = part_files(output)
-    merged = merge(order, (read_records(path) for path in [output, *parts]))
+    merged = merge(order, (read_records(path) for path in [output, *parts]), key)
     staging = output.with_name(output.name + ".merging")
     writer = RecordWriter(staging)
     try:
@@ -183,43 +194,59 @@ class Shard:
     """This rank's part of a job over `samples` (their count `total`, when known): `samples`
     to run, `path` to write records to (None without --output), and `finish` to merge.
 
+    Each sample yields the records `keys(sample)` names (one, keyed by its id, by default;
+    `casa eval` writes one per defence, keyed (defence, id) by `record_key`). A sample is done
+    when every one of its keys has a finished record in --output or a part file.
+
     A world of one streams (samples stay lazy, records go straight to --output) unless
     --resume finds part files of a killed distributed run: then it takes the sharded path as
     a world of one, so they are merged."""
 
     def __init__(self, world: World, samples: Iterable[Sample], total: int | None,
-                 output: Path | None, resume: bool):
-        self.world, self.output = world, output
+                 output: Path | None, resume: bool,
+                 keys: Callable[[Sample], list] = lambda sample: [sample.id],
+                 record_key: Callable[[dict], Hashable] = record_id):
+        self.world, self.output, self.keys, self.record_key = world, output, keys, record_key
         self.streaming = not world.distributed and not (resume and output and part_files(output))
         if self.streaming:
-            skip = done_ids(output) if resume and output else set()
-            self.samples = (s for s in samples if s.id not in skip) if skip else samples
-            self.total = None if total is None else max(total - len(skip), 0)
+            skip = self.done([output]) if resume and output else set()
+            self.samples, self.total = samples, total
+            if skip and isinstance(samples, list):
+                self.samples = [s for s in samples if not self.finished(s, skip)]
+                self.total = len(self.samples)
+            elif skip:  # a lazy input stays lazy; the count is the best guess without reading it
+                self.samples = (s for s in samples if not self.finished(s, skip))
+                self.total = None if total is None else max(total - len(skip), 0)
             self.path = output
             return
         everything = list(samples)
-        self.order = [s.id for s in everything]
+        self.order = [k for s in everything for k in keys(s)]
         if output is not None and world.main and not resume:
             # Without --resume the output starts empty, as in a single process.
             for stale in [output, *part_files(output)]:
                 stale.unlink(missing_ok=True)
-        skip = set()
-        if resume and output is not None:
-            for path in [output, *part_files(output)]:
-                skip |= done_ids(path)
+        skip = self.done([output, *part_files(output)]) if resume and output is not None else set()
         world.barrier()  # every rank has read what is done before any rank writes
-        todo = [s for s in everything if s.id not in skip]
+        todo = [s for s in everything if not self.finished(s, skip)]
         self.samples = [todo[i] for i in shard([cost(s) for s in todo], world.rank, world.size)]
         self.total = len(self.samples)
         self.path = None if output is None else part_path(output, world.rank, world.size)
 
-    def progress(self, description: str):
-        """A progress bar on rank 0 only (of its own shard); yields advance(n)."""
+    def done(self, paths: list[Path]) -> set:
+        """The keys with a finished record in any of `paths` (error records are retried)."""
+        return {self.record_key(r) for path in paths for r in read_records(path) if "error" not in r}
+
+    def finished(self, sample: Sample, done: set) -> bool:
+        return all(k in done for k in self.keys(sample))
+
+    def progress(self, description: str, per_sample: int = 1):
+        """A progress bar on rank 0 only (of its own shard, `per_sample` steps per sample);
+        yields advance(n)."""
         if not self.world.main:
             return nullcontext(lambda n=1: None)
         if self.world.distributed:
             description += f" (rank 0 of {self.world.size})"
-        return progress(self.total, description)
+        return progress(None if self.total is None else self.total * per_sample, description)
 
     def finish(self, kept: list[dict]) -> list[dict]:
         """Call on every rank once its records are written. Rank 0 merges the part files into
@@ -229,8 +256,8 @@ class Shard:
             return kept
         if self.output is None:
             every = self.world.gather(kept)
-            return merge(self.order, every) if self.world.main else []
+            return merge(self.order, every, self.record_key) if self.world.main else []
         self.world.barrier()  # every part file is complete
         if self.world.main:
-            merge_parts(self.output, self.order, self.world.size)
+            merge_parts(self.output, self.order, self.world.size, self.record_key)
         return []

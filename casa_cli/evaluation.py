@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Iterator
 from casa_cli.data.benchmarks import read_benchmark
 from casa_cli.data.prompt_sets import SETS, MissingPackageError, load_set
 from casa_cli.decoding import DEFENSES, DecodeOptions
+from casa_cli.distributed import merge
 from casa_cli.inputs import InputError, Sample
 from casa_cli.judges import is_refusal
 from casa_cli.metrics import breakdown, defence_metrics, modality
@@ -102,11 +103,11 @@ def limit_records(records: list[dict], limit: int) -> list[dict]:
     return [record for index, record in enumerate(records) if index in keep]
 
 
-def figstep_records(records: list[dict], out_dir: str | Path) -> list[dict]:
+def figstep_records(records: list[dict], out_dir: str | Path, write: bool = True) -> list[dict]:
     """Every text-only prompt rendered as a FigStep image attack into ``out_dir`` (see
     ``render.render_many``); prompts that already carry media are kept as they are."""
     text_only = [r for r in records if not (r.get("images") or r.get("audio"))]
-    rendered = iter(render_many(text_only, out_dir))
+    rendered = iter(render_many(text_only, out_dir, write))
     return [next(rendered) if not (r.get("images") or r.get("audio")) else r for r in records]
 
 
@@ -184,8 +185,8 @@ def load_judge(judge_model: str | Path | None, device: str = "auto",
 # ---------------------------------------------------------------------------- running
 
 
-def result_key(result: dict) -> tuple[str, str]:
-    return result["defence"], result["id"]
+def result_key(result: dict) -> tuple[str | None, str]:
+    return result.get("defence"), result["id"]
 
 
 def answer(casa, record: dict, defence: str, judge: Callable[[str, str], bool],
@@ -246,6 +247,16 @@ def evaluate(casa, records: list[dict], defences: Iterable[str], records_path: s
     finally:
         writer.close()
     return [latest[(d, r["id"])] for r in records for d in defences if (d, r["id"]) in latest]
+
+
+def collect(records_path: str | Path, records: list[dict], defences: Iterable[str]) -> list[dict]:
+    """The results in ``records_path`` for every (defence, id) pair of ``records``, in input
+    order (prompt-major), a finished result before a failed one: what the metrics are
+    computed on, once every process's results are merged into that one file."""
+    order = [(d, r["id"]) for r in records for d in defences]
+    wanted = set(order)
+    merged = merge(order, [read_records(Path(records_path))], result_key)
+    return [r for r in merged if "defence" in r and result_key(r) in wanted]
 
 
 # ---------------------------------------------------------------------------- reporting

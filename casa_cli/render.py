@@ -132,14 +132,17 @@ def render_figstep(text: str, path: str | Path) -> Path:
     return path
 
 
-def render_many(records: Iterable[dict], out_dir: str | Path) -> list[dict]:
+def render_many(records: Iterable[dict], out_dir: str | Path, write: bool = True) -> list[dict]:
     """FigStep versions of benchmark records: each record's text is rendered to
     ``out_dir/<index>_<id>.png`` (the index keeps ids that sanitise alike apart), the image is
-    appended to its images, its text becomes FIGSTEP_PROMPT, and "+figstep" marks the source."""
+    appended to its images, its text becomes FIGSTEP_PROMPT, and "+figstep" marks the source.
+    ``write=False`` only names the images (another process has rendered them)."""
     out = []
     for i, record in enumerate(records):
         name = re.sub(r"[^\w.-]+", "_", str(record["id"]))[:80]
-        png = render_figstep(record["text"], Path(out_dir) / f"{i:05d}_{name}.png")
+        png = Path(out_dir) / f"{i:05d}_{name}.png"
+        if write:
+            png = render_figstep(record["text"], png)
         out.append({**record, "text": FIGSTEP_PROMPT,
                     "images": [*record.get("images", []), str(png)],
                     "source": f"{record.get('source', '')}+figstep"})

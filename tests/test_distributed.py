@@ -1,6 +1,6 @@
-"""`casa classify` under torchrun (2 CPU ranks, gloo): the merged output equals a single
-process's; a job killed midway resumes without duplicates; sharding and merging rules;
---device-map."""
+"""`casa classify` and `casa eval` under torchrun (2 CPU ranks, gloo): the merged output
+equals a single process's, and so do eval's metrics; a job killed midway resumes without
+duplicates; sharding and merging rules; --device-map."""
 import json
 import os
 import random
@@ -69,15 +69,16 @@ def read(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def torchrun(job, tmp_path, *args, kill_after=0):
-    """`casa classify` on 2 CPU ranks; returns the finished process and each rank's exit code."""
+def torchrun(job, tmp_path, *args, kill_after=0, command="classify"):
+    """`casa classify` (or `command`) over the job's manifest on 2 CPU ranks; returns the
+    finished process and each rank's exit code."""
     exits = tmp_path / f"exits-{len(list(tmp_path.glob('exits-*')))}"
     exits.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EXIT_DIR": str(exits),
            "KILL_AFTER": str(kill_after)}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         job["runner"], "classify", "--manifest", job["manifest"], "--model", job["model"], *args],
+         job["runner"], command, "--manifest", job["manifest"], "--model", job["model"], *args],
         env=env, capture_output=True, text=True, timeout=180)
     codes = {path.name: int(path.read_text()) for path in exits.iterdir()}
     return done, codes
@@ -146,6 +147,70 @@ def test_one_process_resumes_from_the_parts_of_any_world_size(job, casa, tmp_pat
     assert not part_files(out)
 
 
+# --- casa eval under torchrun ---------------------------------------------------------------
+EVAL_ARGS = ("--defenses", "none,casa", "--max-new-tokens", "3")
+
+
+@pytest.fixture(scope="module")
+def eval_job(tiny_model, tmp_path_factory):
+    """A labelled 12-prompt manifest and a single process's eval of it."""
+    from conftest import run_casa
+
+    folder = tmp_path_factory.mktemp("distributed-eval")
+    rng = random.Random(1)
+    manifest = folder / "prompts.jsonl"
+    manifest.write_text("".join(json.dumps({
+        "id": f"e{i:02d}", "label": "harmful" if i % 3 == 0 else "benign", "category": f"c{i % 2}",
+        "text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40)))}) + "\n"
+        for i in range(12)))
+    model = tiny_model("llama")
+    out = folder / "reference"
+    result = run_casa("eval", "--manifest", manifest, "--model", model, "--out", out, *EVAL_ARGS)
+    assert result.code == 0, result.stderr
+    return {"manifest": manifest, "model": model, "runner": write_runner(folder),
+            "records": read(out / "records.jsonl"), "metrics": metrics_of(out)}
+
+
+def metrics_of(out):
+    """metrics.json without what differs from run to run (latency)."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    for per_defence in metrics["defences"].values():
+        per_defence.pop("latency_ms_mean")
+    return metrics
+
+
+def assert_same_results(records, reference):
+    key = lambda r: (r["defence"], r["id"])  # noqa: E731
+    assert [key(r) for r in records] == [key(r) for r in reference]  # input order, no repeats
+    for got, want in zip(records, reference):
+        assert (got["response"], got["refused"]) == (want["response"], want["refused"]), key(got)
+        assert got.get("score", 0) == pytest.approx(want.get("score", 0), abs=1e-5), key(got)
+
+
+def test_eval_on_two_ranks_gives_the_single_process_metrics(eval_job, tmp_path):
+    out = tmp_path / "eval"
+    done, codes = torchrun(eval_job, tmp_path, "--out", out, *EVAL_ARGS, command="eval")
+    assert done.returncode == 0 and codes == {"rank0": 0, "rank1": 0}, done.stderr
+    assert_same_results(read(out / "records.jsonl"), eval_job["records"])
+    assert metrics_of(out) == eval_job["metrics"]
+    assert not part_files(out / "records.jsonl")
+    assert done.stderr.count("24 results (0 failed)") == 1  # rank 0 reports, once
+
+
+def test_eval_killed_rank_resumes_without_duplicates(eval_job, tmp_path):
+    out = tmp_path / "eval"
+    killed, codes = torchrun(eval_job, tmp_path, "--out", out, *EVAL_ARGS, kill_after=3,
+                             command="eval")
+    assert killed.returncode != 0 and "rank1" not in codes
+    assert len(read(part_path(out / "records.jsonl", 1, 2))) == 3  # one prompt and a half
+    resumed, codes = torchrun(eval_job, tmp_path, "--out", out, *EVAL_ARGS, "--resume",
+                              command="eval")
+    assert resumed.returncode == 0 and codes == {"rank0": 0, "rank1": 0}, resumed.stderr
+    assert_same_results(read(out / "records.jsonl"), eval_job["records"])
+    assert metrics_of(out) == eval_job["metrics"]
+    assert not part_files(out / "records.jsonl")
+
+
 # --- sharding and merging -------------------------------------------------------------------
 @pytest.mark.parametrize("size", [1, 2, 3, 7])
 def test_shards_are_balanced_deterministic_and_disjoint(size):
@@ -169,6 +234,16 @@ def test_merge_restores_input_order():
     merged = merge(order, parts)
     assert [(r["id"], r["n"]) for r in merged] == [
         ("a", 1), ("b", 1), ("dup", 1), ("c", 1), ("dup", 2), ("other", 1)]
+
+
+def test_merge_prefers_the_retried_result_to_the_failure():
+    """--output keeps the error record of a failure that a resumed rank then retried."""
+    output = [{"id": "a", "error": "boom"}, {"id": "b", "n": 1}]
+    part = [{"id": "a", "n": 2}]
+    assert merge(["a", "b"], [output, part]) == [{"id": "a", "n": 2}, {"id": "b", "n": 1}]
+    keyed = merge([("x", "a"), ("y", "a")], [[{"d": "y", "id": "a"}, {"d": "x", "id": "a"}]],
+                  key=lambda r: (r["d"], r["id"]))
+    assert [r["d"] for r in keyed] == ["x", "y"]
 
 
 def test_merge_refuses_when_rank_0_cannot_see_every_part(tmp_path):

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from casa_cli.commands import common as c
-from casa_cli.output import print_json, progress, stderr
+from casa_cli.output import print_json, stderr
 
 Sets = Annotated[Optional[list[str]], typer.Option(
     "--set", help="A registry prompt set by name (repeatable): harmbench, advbench, pyrit_airt, "
@@ -57,11 +57,14 @@ def command(
       casa eval --benchmark MM-SafetyBench/data --model ./Qwen2-VL-2B-Instruct --out mmsb/
       casa eval --set advbench --render figstep --model ./Qwen2-VL-2B-Instruct --out figstep/
       casa eval --manifest mine.jsonl --defenses none,casa --out eval/ --resume --json
+      torchrun --nproc-per-node 4 -m casa_cli eval --set harmbench --out eval/
 
     Exit codes: 0 done; 1 runtime error; 2 usage error or malformed benchmark; 4 some prompts failed (error records are in records.jsonl)."""
+    from casa_cli import distributed
     from casa_cli.decoding import DEFENSES, DecodeOptions
-    from casa_cli.evaluation import (RENDERERS, evaluate, figstep_records, load_judge,
-                                     load_records, summarise, write_manifest, write_outputs)
+    from casa_cli.evaluation import (RENDERERS, collect, evaluate, figstep_records, load_judge,
+                                     load_records, result_key, summarise, to_sample,
+                                     write_manifest, write_outputs)
     from casa_cli.report import print_table
 
     names = [d.strip() for d in defenses.split(",") if d.strip()]
@@ -74,37 +77,52 @@ def command(
     if format is not None and benchmark is None:
         raise typer.BadParameter("--format goes with --benchmark", param_hint="--format")
     records = load_records(manifest, benchmark, format, set_names or [], limit)
+    records_path = out / "records.jsonl"
 
-    casa = c.load_casa(model, adapter, device, dtype, kernel, trust_remote_code)
-    if render:
-        if "image" not in casa.backbone.modalities:
-            raise typer.BadParameter(
-                f"{casa.backbone.source} ({casa.backbone.family}) takes no images, so FigStep "
-                "images cannot be evaluated on it; pick an image model with --model",
-                param_hint="--render")
-        records = figstep_records(records, out / "figstep")
-        write_manifest(records, out / "figstep" / "manifest.jsonl")
-    judge, judge_name = load_judge(judge_model, device, trust_remote_code)
+    with distributed.launched(device) as world:
+        casa = c.load_casa(model, adapter, world.device(device), dtype, kernel, trust_remote_code)
+        if render:
+            if "image" not in casa.backbone.modalities:
+                raise typer.BadParameter(
+                    f"{casa.backbone.source} ({casa.backbone.family}) takes no images, so FigStep "
+                    "images cannot be evaluated on it; pick an image model with --model",
+                    param_hint="--render")
+            if world.main:  # one process draws the images; the others wait, then name them
+                records = figstep_records(records, out / "figstep")
+                write_manifest(records, out / "figstep" / "manifest.jsonl")
+            world.barrier()
+            if not world.main:
+                records = figstep_records(records, out / "figstep", write=False)
+        judge, judge_name = load_judge(judge_model, world.device(device), trust_remote_code)
 
-    # On --resume the finished pairs are skipped, so only an upper bound is known.
-    with progress(None if resume else len(records) * len(names), "eval") as advance:
-        def show(result: dict) -> None:
-            advance(1)
-            if "error" in result:
-                stderr.print(f"error: {result['defence']}: {result['error']}", markup=False)
+        # Under torchrun each rank answers its share of the prompts (every defence of a prompt
+        # on one rank) into its own part file; rank 0 merges them into records.jsonl.
+        by_id = {r["id"]: r for r in records}
+        job = distributed.Shard(world, [to_sample(r) for r in records], len(records), records_path,
+                                resume, keys=lambda sample: [(d, sample.id) for d in names],
+                                record_key=result_key)
+        with job.progress("eval", per_sample=len(names)) as advance:
+            def show(result: dict) -> None:
+                advance(1)
+                if "error" in result:
+                    stderr.print(f"error: {result['defence']}: {result['error']}", markup=False)
 
-        results = evaluate(casa, records, names, out / "records.jsonl", judge,
-                           DecodeOptions(max_new_tokens), threshold, truncate, resume, show)
-    source = (str(manifest) if manifest else str(benchmark) if benchmark
-              else ", ".join(set_names or []))
-    metrics = summarise(results, casa, judge_name, threshold, prompt_source=source,
-                        render=render, limit=limit, max_new_tokens=max_new_tokens)
-    paths = write_outputs(metrics, out, title=f"casa eval: {casa.backbone.source}")
-    if json:
-        print_json(metrics)
-    else:
-        print_table(metrics["defences"])
-    failed = sum(1 for r in results if "error" in r)
-    stderr.print(f"{len(results)} results ({failed} failed) -> {paths['markdown']}", markup=False)
+            evaluate(casa, [by_id[s.id] for s in job.samples], names, job.path,
+                     judge, DecodeOptions(max_new_tokens), threshold, truncate, resume, show)
+        job.finish([])
+        # Metrics come from the merged records, never from averages over ranks.
+        results = collect(records_path, records, names) if world.main else []
+        failed = world.sum({"failed": sum(1 for r in results if "error" in r)})["failed"]
+    if world.main:
+        source = (str(manifest) if manifest else str(benchmark) if benchmark
+                  else ", ".join(set_names or []))
+        metrics = summarise(results, casa, judge_name, threshold, prompt_source=source,
+                            render=render, limit=limit, max_new_tokens=max_new_tokens)
+        paths = write_outputs(metrics, out, title=f"casa eval: {casa.backbone.source}")
+        if json:
+            print_json(metrics)
+        else:
+            print_table(metrics["defences"])
+        stderr.print(f"{len(results)} results ({failed} failed) -> {paths['markdown']}", markup=False)
     if failed:
         raise typer.Exit(c.EXIT_PARTIAL)
