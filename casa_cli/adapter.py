@@ -42,6 +42,7 @@ class AdapterConfig:
     safety_prompt: str | None = None
     trained: bool = False
     mode: str = "head"  # "head" or "lora"
+    layer: int | None = None  # decoder layer the head reads (through the final norm); None = last
     training: dict = field(default_factory=dict)  # data summary, hyper-parameters
     metrics: dict = field(default_factory=dict)  # held-out metrics
     format_version: int = FORMAT_VERSION
@@ -132,6 +133,10 @@ def load_adapter(directory: Path, backbone) -> tuple[AdapterConfig, SafetyHead]:
         raise InputError(f"{directory}: adapter was made for {config.base_model} "
                          f"(fingerprint {config.fingerprint}), not this model "
                          f"{backbone.source} (fingerprint {actual})")
+    try:
+        backbone.check_layer(config.layer)
+    except InputError as err:
+        raise InputError(f"{directory}: {err}") from None
     try:
         tensors = load_file(str(directory / HEAD_FILE))
     except (FileNotFoundError, SafetensorError, OSError) as err:

@@ -68,7 +68,7 @@ class Prepared:
 
 @dataclass
 class Prefill:
-    H: torch.Tensor  # (B, T, d) final-layer hidden states, after the final norm
+    H: torch.Tensor  # (B, T, d) the states the head reads, after the final norm
     mask: torch.Tensor  # (B, T) bool, True on real prompt tokens
     logits: torch.Tensor  # (B, V) next-token logits at the last position
     past_key_values: object | None = None
@@ -84,6 +84,9 @@ class Backbone:
     load_seconds: float = 0.0
     import_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    # The decoder layer (1-based) whose output the safety head reads, through the final
+    # norm; None reads the last layer (DESIGN §2). The adapter's `layer` sets it.
+    head_layer: int | None = None
 
     # --- facts about the model -------------------------------------------------------
     @property
@@ -129,6 +132,14 @@ class Backbone:
             if isinstance(module, torch.nn.Module):
                 return module
         raise RuntimeError(f"cannot find the final norm of {type(decoder).__name__}")
+
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        return self.model.get_decoder().layers
+
+    def check_layer(self, layer: int | None) -> None:
+        if layer is not None and not 1 <= layer <= self.num_layers:
+            raise InputError(f"layer {layer} is out of range: this model has layers 1 to "
+                             f"{self.num_layers}")
 
     # --- inputs ----------------------------------------------------------------------
     def chat_text(self, sample: Sample) -> str:
@@ -223,11 +234,20 @@ class Backbone:
     # --- running ---------------------------------------------------------------------
     @torch.no_grad()  # not inference_mode: training reuses H as a (detached) input
     def prefill(self, batch, use_cache: bool = False) -> Prefill:
-        """One forward pass over the prompt: logits for the last position only, and `H`
-        from a hook on the final norm (its output at all positions)."""
+        """One forward pass over the prompt: logits for the last position only, and `H` at
+        all positions from a hook: the final norm's output, or with `head_layer` set, that
+        decoder layer's output put through the final norm (so every layer reaches the head
+        on the scale the last one does)."""
         captured = {}
-        hook = self.final_norm().register_forward_hook(
-            lambda module, args, output: captured.__setitem__("H", output))
+        norm = self.final_norm()
+        if self.head_layer in (None, self.num_layers):
+            hook = norm.register_forward_hook(
+                lambda module, args, output: captured.__setitem__("H", output))
+        else:
+            def keep(module, args, output):
+                states = output[0] if isinstance(output, tuple) else output
+                captured["H"] = norm(states.to(self.device))
+            hook = self.decoder_layers()[self.head_layer - 1].register_forward_hook(keep)
         try:
             out = self.model(**batch, use_cache=use_cache, logits_to_keep=1)
         finally:

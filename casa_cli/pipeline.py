@@ -70,6 +70,7 @@ class Casa:
             "adapter_trained": self.trained, "adapter_mode": self.config.mode,
             "safety_tokens": self.config.tokens, "gate": self.config.gate,
             "threshold": self.config.threshold, "heads": self.config.heads,
+            "head_layer": self.config.layer or b.num_layers,
             "head_backend": self.backend, "load_seconds": round(b.load_seconds, 3),
             "import_seconds": round(b.import_seconds, 3),
         }
@@ -202,6 +203,7 @@ def load(model: str | None = None, adapter: str | Path | None = None, device: st
     adapter_dir = Path(adapter) if adapter else (default_adapter_dir() if model is None else None)
     if adapter_dir is not None:
         config, head = load_adapter(adapter_dir, backbone)
+        backbone.head_layer = config.layer
         if lora_path(adapter_dir):
             from peft import PeftModel
             # Merged into the base weights: the fine-tuned model at the base model's speed.

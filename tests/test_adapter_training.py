@@ -10,7 +10,7 @@ from casa_cli.adapter import init_adapter, load_adapter, save_adapter
 from casa_cli.backbone import load_backbone
 from casa_cli.inputs import InputError, prompt_sample
 from casa_cli.pipeline import load
-from casa_cli.training import TrainOptions, train
+from casa_cli.training import TrainOptions, safety_logits, train
 
 WORDS = "river stone cloud paper window garden music table orange yellow quiet simple".split()
 
@@ -103,3 +103,43 @@ def test_explain_shares_add_up_to_z(tiny_model):
     total = sum(item["contribution"] for item in record["explain"]) + float(casa_model.head.b.detach())
     assert total == pytest.approx(record["z"], abs=1e-3)
     assert len(record["explain"]) == record["prompt_tokens"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_vl"])
+def test_head_layer_states_are_that_layer_through_the_final_norm(tiny_model, family):
+    """Reference: transformers' own output_hidden_states, put through the final norm."""
+    backbone = load_backbone(str(tiny_model(family)))
+    batch = backbone.encode([prompt_sample("a quiet river under the stone bridge")])
+    with torch.no_grad():
+        reference = backbone.model(**batch, output_hidden_states=True).hidden_states
+        last = backbone.prefill(batch).H
+        torch.testing.assert_close(last, reference[-1], rtol=1e-5, atol=1e-5)  # already normed
+        for layer in (1, backbone.num_layers - 1):
+            backbone.head_layer = layer
+            H = backbone.prefill(batch).H
+            torch.testing.assert_close(H, backbone.final_norm()(reference[layer]), rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(H, last)
+
+
+def test_train_with_a_layer_ships_it_in_the_adapter(tiny_model, tmp_path, casa):
+    model = tiny_model("llama")
+    data = separable_manifest(tmp_path / "train.jsonl", n=24)
+    out = tmp_path / "adapter"
+    result = casa("train", "--model", model, "--data", data, "--layer", 1, "--epochs", 2, "--out", out)
+    assert result.code == 0, result.stderr
+    assert json.loads((out / "casa_config.json").read_text())["layer"] == 1
+    info = casa("load", "--model", model, "--adapter", out, "--json")
+    assert info.code == 0 and info.records()[0]["head_layer"] == 1
+    # What classify reports is the head on layer 1's states, not on the last layer's.
+    casa_model = load(str(model), adapter=out)
+    assert casa_model.backbone.head_layer == 1
+    sample = prompt_sample("violin music")
+    with torch.no_grad():
+        outputs = casa_model.backbone.model(**casa_model.backbone.encode([sample]),
+                                            output_hidden_states=True)
+        H = casa_model.backbone.final_norm()(outputs.hidden_states[1])
+        expected = torch.softmax(safety_logits(casa_model.head, H, torch.ones(H.shape[:2], dtype=torch.bool)), -1)[0, 1]
+    assert list(casa_model.classify([sample]))[0]["p_unsafe"] == pytest.approx(float(expected), abs=1e-5)
+
+    too_deep = casa("train", "--model", model, "--data", data, "--layer", 99, "--out", tmp_path / "x")
+    assert too_deep.code == 2 and "layer 99 is out of range" in too_deep.stderr

@@ -21,6 +21,8 @@ def command(
     mode: Annotated[str, typer.Option(help="head (backbone frozen) or lora (LoRA on the backbone too).")] = "head",
     variant: Annotated[str, typer.Option(help="full, token (token rows only) or attention (score only).")] = "full",
     heads: Annotated[int, typer.Option(min=1, help="Safety-attention heads K.")] = 4,
+    layer: Annotated[Optional[int], typer.Option(
+        help="Decoder layer the head reads (1-based, through the final norm) \\[default: the last].")] = None,
     gate: Annotated[str, typer.Option(help="log or multiply.")] = "log",
     epochs: Annotated[int, typer.Option(min=1)] = 60,
     lr: Annotated[float, typer.Option(help="Head learning rate.")] = 3e-3,
@@ -46,7 +48,7 @@ def command(
     from casa_cli.backbone import load_backbone
     from casa_cli.training import TrainOptions, read_examples, train
 
-    options = TrainOptions(mode=mode, variant=variant, heads=heads, gate=gate, epochs=epochs,
+    options = TrainOptions(mode=mode, variant=variant, heads=heads, layer=layer, gate=gate, epochs=epochs,
                            lr=lr, weight_decay=weight_decay, beta=beta, lam=lam, val_fraction=val_fraction,
                            patience=patience, target_fpr=target_fpr, seed=seed)
     examples = read_examples(data)
