@@ -78,8 +78,7 @@ def main(argv=None) -> None:
                 labels, args.target_fpr)]
 
     backbone = load_backbone(args.model)
-    backbone.check_layer(args.layer)
-    backbone.head_layer = args.layer
+    backbone.read_layer(args.layer)
     states = {k: prompt_states(backbone, v) for k, v in samples.items()}
     rows.append(row("linear probe, mean-pooled states", pooled_probe(states, labels), labels, args.target_fpr))
     for name, variant, gate in (("safety token only", "token", "log"),

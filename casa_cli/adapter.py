@@ -122,7 +122,8 @@ def read_config(directory: Path) -> AdapterConfig:
 
 
 def load_adapter(directory: Path, backbone) -> tuple[AdapterConfig, SafetyHead]:
-    """Read an adapter and check it belongs to `backbone`; refuse a mismatch clearly."""
+    """Read an adapter, check it belongs to `backbone` (refusing a mismatch clearly) and
+    point the backbone at the layer the head reads."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -134,7 +135,7 @@ def load_adapter(directory: Path, backbone) -> tuple[AdapterConfig, SafetyHead]:
                          f"(fingerprint {config.fingerprint}), not this model "
                          f"{backbone.source} (fingerprint {actual})")
     try:
-        backbone.check_layer(config.layer)
+        backbone.read_layer(config.layer)
     except InputError as err:
         raise InputError(f"{directory}: {err}") from None
     try:

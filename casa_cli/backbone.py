@@ -85,7 +85,7 @@ class Backbone:
     import_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
     # The decoder layer (1-based) whose output the safety head reads, through the final
-    # norm; None reads the last layer (DESIGN §2). The adapter's `layer` sets it.
+    # norm; None reads the last layer (DESIGN §2). Set with `read_layer`.
     head_layer: int | None = None
 
     # --- facts about the model -------------------------------------------------------
@@ -136,10 +136,12 @@ class Backbone:
     def decoder_layers(self) -> torch.nn.ModuleList:
         return self.model.get_decoder().layers
 
-    def check_layer(self, layer: int | None) -> None:
+    def read_layer(self, layer: int | None) -> None:
+        """Make the head read decoder layer `layer` (None or the last: the final norm)."""
         if layer is not None and not 1 <= layer <= self.num_layers:
             raise InputError(f"layer {layer} is out of range: this model has layers 1 to "
                              f"{self.num_layers}")
+        self.head_layer = None if layer == self.num_layers else layer
 
     # --- inputs ----------------------------------------------------------------------
     def chat_text(self, sample: Sample) -> str:
@@ -240,7 +242,7 @@ class Backbone:
         on the scale the last one does)."""
         captured = {}
         norm = self.final_norm()
-        if self.head_layer in (None, self.num_layers):
+        if self.head_layer is None:
             hook = norm.register_forward_hook(
                 lambda module, args, output: captured.__setitem__("H", output))
         else:

@@ -157,9 +157,8 @@ def merge(order: Sequence, sources: Iterable[Iterable[dict]],
     for records in sources:
         for record in records:
             by_key[key(record)].append(record)
-    for records in by_key.values():
-        records.sort(key=lambda r: "error" in r)  # stable: file order otherwise
-    queues = {k: deque(records) for k, records in by_key.items()}
+    # Finished records first; the sort is stable, so file order otherwise.
+    queues = {k: deque(sorted(records, key=lambda r: "error" in r)) for k, records in by_key.items()}
     merged = [queues[k].popleft() for k in order if queues.get(k)]
     wanted = set(order)
     return merged + [r for k, queue in queues.items() if k not in wanted for r in queue]

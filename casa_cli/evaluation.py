@@ -256,7 +256,7 @@ def collect(records_path: str | Path, records: list[dict], defences: Iterable[st
     order = [(d, r["id"]) for r in records for d in defences]
     wanted = set(order)
     merged = merge(order, [read_records(Path(records_path))], result_key)
-    return [r for r in merged if "defence" in r and result_key(r) in wanted]
+    return [r for r in merged if result_key(r) in wanted]
 
 
 # ---------------------------------------------------------------------------- reporting

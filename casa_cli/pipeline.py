@@ -203,7 +203,6 @@ def load(model: str | None = None, adapter: str | Path | None = None, device: st
     adapter_dir = Path(adapter) if adapter else (default_adapter_dir() if model is None else None)
     if adapter_dir is not None:
         config, head = load_adapter(adapter_dir, backbone)
-        backbone.head_layer = config.layer
         if lora_path(adapter_dir):
             from peft import PeftModel
             # Merged into the base weights: the fine-tuned model at the base model's speed.

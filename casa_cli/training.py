@@ -104,7 +104,7 @@ def prompt_states(backbone: Backbone, samples: list[Sample], batch_size: int = 1
     (`cache=False` for a backbone carrying trained LoRA weights)."""
     from safetensors.torch import load_file, save_file
 
-    layer = "" if backbone.head_layer in (None, backbone.num_layers) else f"-layer{backbone.head_layer}"
+    layer = "" if backbone.head_layer is None else f"-layer{backbone.head_layer}"
     folder = cache_dir() / "states" / (fingerprint(backbone) + layer)
     paths = [folder / f"{sample_key(s)}.safetensors" for s in samples]
     states = [load_file(str(p))["H"] if cache and p.is_file() else None for p in paths]
@@ -255,8 +255,7 @@ def train(backbone: Backbone, examples: list[Sample], options: TrainOptions,
     if options.mode not in MODES:
         raise InputError(f"unknown mode {options.mode!r}; expected one of {', '.join(MODES)}")
     torch.manual_seed(options.seed)
-    backbone.check_layer(options.layer)
-    backbone.head_layer = options.layer
+    backbone.read_layer(options.layer)
     config, head = init_adapter(backbone, heads=options.heads, gate=options.gate, seed=options.seed)
     config.layer = options.layer
     labels = [label_of(s) for s in examples]

@@ -1,7 +1,7 @@
 """`casa classify`: one safety verdict per input, from the prompt's single prefill."""
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,8 +19,7 @@ def command(
     model: c.Model = None, adapter: c.Adapter = None, device: c.Device = "auto",
     device_map: c.DeviceMap = None, dtype: c.Dtype = "auto", kernel: c.Kernel = "auto",
     trust_remote_code: c.TrustRemoteCode = False,
-    threshold: Annotated[Optional[float], typer.Option(
-        min=0.0, max=1.0, help="p_unsafe at or above this is unsafe \\[default: the adapter's].")] = None,
+    threshold: c.Threshold = None,
     batch_size: c.BatchSize = 8, truncate: c.Truncate = False,
     output: c.Output = None, resume: c.Resume = False, json: c.Json = False,
     fail_on_unsafe: Annotated[bool, typer.Option(help="Exit 3 if any input is judged unsafe.")] = False,

@@ -36,6 +36,8 @@ Output = Annotated[Optional[Path], typer.Option(
     "--output", "-o", help="Write JSONL records here, flushed one by one.")]
 Resume = Annotated[bool, typer.Option(help="Skip ids already in --output.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Prompts per forward pass (length-sorted).")]
+Threshold = Annotated[Optional[float], typer.Option(
+    min=0.0, max=1.0, help="p_unsafe at or above this is unsafe (casa) \\[default: the adapter's].")]
 Truncate = Annotated[bool, typer.Option(help="Cut over-long text prompts to fit the context (warns).")]
 
 

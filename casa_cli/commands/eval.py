@@ -35,8 +35,7 @@ def command(
     out: Out = ..., limit: Limit = None,
     max_new_tokens: Annotated[int, typer.Option(
         min=1, help="Tokens written per answer; judges read the opening, so a few dozen do.")] = 64,
-    threshold: Annotated[Optional[float], typer.Option(
-        min=0.0, max=1.0, help="casa: p_unsafe at or above this is unsafe \\[default: the adapter's].")] = None,
+    threshold: c.Threshold = None,
     judge_model: Annotated[Optional[Path], typer.Option(
         help="Judge refusals with this local instruct/guard model \\[default: the phrase judge].")] = None,
     model: c.Model = None, adapter: c.Adapter = None, device: c.Device = "auto",

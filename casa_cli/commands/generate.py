@@ -28,8 +28,7 @@ def command(
     on_unsafe: Annotated[Optional[str], typer.Option(
         help="casa: refuse (the adapter's refusal text) or generate (the model answers after "
              "the verdict) \\[default: generate for LoRA adapters, refuse for head-only ones].")] = None,
-    threshold: Annotated[Optional[float], typer.Option(
-        min=0.0, max=1.0, help="casa: p_unsafe at or above this is unsafe \\[default: the adapter's].")] = None,
+    threshold: c.Threshold = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to write.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 decodes greedily; above 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --temperature).")] = 1.0,
