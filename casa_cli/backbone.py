@@ -7,19 +7,21 @@ GGUF is dequantised once and cached as safetensors under $CASA_CACHE_DIR).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-import json
 import os
 import shutil
 import sys
 import time
+import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from casa_cli.inputs import InputError, Sample, load_audio, load_image
-from casa_cli.processors import load_processor
+from casa_cli.inputs import MAX_AUDIO_SECONDS, InputError, Sample, load_audio, load_image
+from casa_cli.processors import load_processor, read_json_object
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,6 +43,12 @@ FAMILIES: dict[str, tuple[str, frozenset]] = {
                      frozenset({"image", "audio"})),
 }
 TEXT_ONLY = ("AutoModelForCausalLM", frozenset())
+# Put after the first character of a control-token string found in user text, so that it
+# reads the same but can no longer be tokenised as the control token itself.
+WORD_JOINER = "\u2060"
+# Stands in for the middle of a user text cut to fit the context (`--truncate`).
+CUT_MARK = " [...] "
+
 # accelerate's placement strategies for `device_map` ("auto" fills GPUs in order, then CPU).
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -63,15 +71,16 @@ def embedded_gguf() -> Path:
 class Prepared:
     sample: Sample
     text: str  # the prompt through the chat template
-    media: dict  # decoded "images" / "audio" for the processor
+    media: dict = field(default_factory=dict)  # decoded "images" / "audio" (`load_media`)
+    truncated: bool = False  # the middle of the user's text was cut to fit the context
 
 
 @dataclass
 class Prefill:
-    H: torch.Tensor  # (B, T, d) the states the head reads, after the final norm
+    H: torch.Tensor | None  # (B, T, d) the states the head reads, after the final norm
     mask: torch.Tensor  # (B, T) bool, True on real prompt tokens
     logits: torch.Tensor  # (B, V) next-token logits at the last position
-    past_key_values: object | None = None
+    cache: object | None = None  # the KV cache, when asked for (transformers' `cache`)
 
 
 @dataclass
@@ -87,6 +96,8 @@ class Backbone:
     # The decoder layer (1-based) whose output the safety head reads, through the final
     # norm; None reads the last layer (DESIGN §2). Set with `read_layer`.
     head_layer: int | None = None
+    # Longest audio clip accepted, in seconds; None: the audio encoder's own window.
+    max_audio_seconds: float | None = None
 
     # --- facts about the model -------------------------------------------------------
     @property
@@ -144,9 +155,27 @@ class Backbone:
         self.head_layer = None if layer == self.num_layers else layer
 
     # --- inputs ----------------------------------------------------------------------
+    @cached_property
+    def control_tokens(self) -> re.Pattern | None:
+        """Every added token of the tokenizer (chat markers such as <|im_start|>, media
+        placeholders such as <image>): strings that tokenise to a control token."""
+        strings = {str(token) for token in self.tokenizer.added_tokens_decoder.values()}
+        strings |= set(self.tokenizer.all_special_tokens)
+        strings = sorted((t for t in strings if len(t) > 1 and t.strip()), key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, strings))) if strings else None
+
+    def plain_text(self, text: str) -> str:
+        """User-supplied `text` that can never produce a control token: a word joiner goes
+        after the first character of each control-token string in it (a typed <|im_end|>
+        must not end the user's turn, nor a typed <image> claim an image slot)."""
+        if self.control_tokens is None:
+            return text
+        return self.control_tokens.sub(lambda m: m[0][0] + WORD_JOINER + m[0][1:], text)
+
     def chat_text(self, sample: Sample) -> str:
-        """The prompt as the model's chat template writes it, ready for generation."""
-        messages = [dict(m) for m in sample.messages]
+        """The prompt as the model's chat template writes it, ready for generation. Message
+        contents are user data: their control-token strings are neutralised (`plain_text`)."""
+        messages = [{**m, "content": self.plain_text(m["content"])} for m in sample.messages]
         if self.modalities:  # processors' templates want structured content
             for message in messages:
                 message["content"] = [{"type": "text", "text": message["content"]}]
@@ -157,28 +186,51 @@ class Backbone:
         if getattr(template_owner, "chat_template", None):
             return template_owner.apply_chat_template(messages, add_generation_prompt=True,
                                                       tokenize=False)
-        return "\n".join(m["content"] for m in sample.messages)
+        return "\n".join(m["content"] for m in messages)
 
-    def media(self, sample: Sample) -> dict:
-        """Decoded media for the processor call (raises InputError naming the file)."""
+    def check_modalities(self, sample: Sample) -> None:
         unsupported = sample.modalities - {"text"} - self.modalities
         if unsupported:
             kinds = " and ".join(sorted(unsupported))
             raise InputError(f"{sample.id}: {self.family} model does not accept {kinds} input")
+
+    @property
+    def audio_limit(self) -> float:
+        """Longest audio clip accepted (s): --max-audio-seconds, else the encoder's window
+        (Whisper-style feature extractors pad or cut to `chunk_length`, 30 s)."""
+        if self.max_audio_seconds is not None:
+            return self.max_audio_seconds
+        extractor = getattr(self.processor, "feature_extractor", None)
+        return float(getattr(extractor, "chunk_length", None) or MAX_AUDIO_SECONDS)
+
+    def media(self, sample: Sample) -> dict:
+        """Decoded media for the processor call (raises InputError naming the file)."""
+        self.check_modalities(sample)
         media = {}
         if sample.images:
             media["images"] = [load_image(p) for p in sample.images]
         if sample.audio:
             rate = self.processor.feature_extractor.sampling_rate
-            media["audio"] = [load_audio(p, rate) for p in sample.audio]
+            media["audio"] = [load_audio(p, rate, max_seconds=self.audio_limit)
+                              for p in sample.audio]
         return media
 
-    def prepare(self, sample: Sample, truncate: bool = False, reserve: int = 1) -> Prepared:
-        """Check one sample and decode its media; raises InputError naming the input. Every
-        prompt must leave `reserve` positions free (the safety token, any new tokens)."""
+    def prepare(self, sample: Sample, truncate: bool = False, reserve: int = 1,
+                decode_media: bool = True) -> Prepared:
+        """Check one sample, fit it to the context and (unless `decode_media` is False:
+        `load_media` later, just before its batch runs) decode its media; raises InputError
+        naming the input. Every prompt must leave `reserve` positions free (the safety
+        token, any new tokens)."""
         sample.check()
-        media = self.media(sample)
-        return Prepared(sample, self.fit_context(sample, truncate, reserve), media)
+        self.check_modalities(sample)
+        text, truncated = self.fit_context(sample, truncate, reserve)
+        prepared = Prepared(sample, text, truncated=truncated)
+        if decode_media:
+            self.load_media(prepared)
+        return prepared
+
+    def load_media(self, prepared: Prepared) -> None:
+        prepared.media = self.media(prepared.sample)
 
     def collate(self, prepared: list[Prepared]):
         """Model inputs for a batch of prepared samples (left padding), on the model's device."""
@@ -203,31 +255,36 @@ class Backbone:
     def encode(self, samples: list[Sample], truncate: bool = False, reserve: int = 1):
         return self.collate([self.prepare(s, truncate, reserve) for s in samples])
 
-    def fit_context(self, sample: Sample, truncate: bool, reserve: int) -> str:
-        """The chat text, or an error if it overflows the context; with `truncate` (text-only
-        prompts) the start of the user's text is cut to fit, with a warning."""
+    def fit_context(self, sample: Sample, truncate: bool, reserve: int) -> tuple[str, bool]:
+        """(the chat text, whether it was truncated), or an error if it overflows the
+        context. With `truncate` (text-only prompts) the middle of the user's text is cut to
+        fit, keeping its start and its end: a request at either end survives, and an
+        attack cannot push it out of view with padding on one side."""
         text = self.chat_text(sample)
         budget = self.max_positions - reserve
         length = self.count_tokens(text)
         if length <= budget:
-            return text
+            return text, False
         # Media expand into many tokens inside the processor; the check above counts only
         # their placeholders, so the model itself would still catch an overflow there.
         if not truncate or sample.images or sample.audio:
             raise InputError(f"{sample.id}: prompt is {length} tokens, over the model's "
                              f"context of {budget} (use --truncate to cut text prompts)")
         user_ids = self.tokenizer(sample.text, add_special_tokens=False)["input_ids"]
-        overflow = length - budget
-        while overflow < len(user_ids):  # decoding and re-encoding can shift a token or two
-            kept = self.tokenizer.decode(user_ids[overflow:])
+        drop = length - budget + self.count_tokens(CUT_MARK)
+        while drop < len(user_ids):  # decoding and re-encoding can shift a token or two
+            kept = len(user_ids) - drop
+            head, tail = user_ids[:(kept + 1) // 2], user_ids[len(user_ids) - kept // 2:]
+            middle_cut = (self.tokenizer.decode(head) + CUT_MARK
+                          + self.tokenizer.decode(tail)).strip()
             cut = self.chat_text(Sample(id=sample.id, messages=[
-                *sample.messages[:-1], {"role": "user", "content": kept}]))
+                *sample.messages[:-1], {"role": "user", "content": middle_cut}]))
             excess = self.count_tokens(cut) - budget
             if excess <= 0:
                 print(f"warning: {sample.id}: prompt truncated from {length} to "
-                      f"{budget + excess} tokens", file=sys.stderr)
-                return cut
-            overflow += excess
+                      f"{budget + excess} tokens (the middle of the text cut)", file=sys.stderr)
+                return cut, True
+            drop += excess
         raise InputError(f"{sample.id}: the chat template alone overflows the context")
 
     def count_tokens(self, text: str) -> int:
@@ -235,14 +292,17 @@ class Backbone:
 
     # --- running ---------------------------------------------------------------------
     @torch.no_grad()  # not inference_mode: training reuses H as a (detached) input
-    def prefill(self, batch, use_cache: bool = False) -> Prefill:
-        """One forward pass over the prompt: logits for the last position only, and `H` at
-        all positions from a hook: the final norm's output, or with `head_layer` set, that
-        decoder layer's output put through the final norm (so every layer reaches the head
-        on the scale the last one does)."""
-        captured = {}
+    def prefill(self, batch, use_cache: bool = False, capture: bool = True) -> Prefill:
+        """One forward pass over the prompt: logits for the last position only, and (with
+        `capture`) `H` at all positions from a hook: the final norm's output, or with
+        `head_layer` set, that decoder layer's output put through the final norm (so every
+        layer reaches the head on the scale the last one does). Without `capture`, H is
+        None and no hook runs: the plain model's prefill."""
+        captured = {"H": None}
         norm = self.final_norm()
-        if self.head_layer is None:
+        if not capture:
+            hook = None
+        elif self.head_layer is None:
             hook = norm.register_forward_hook(
                 lambda module, args, output: captured.__setitem__("H", output))
         else:
@@ -253,15 +313,31 @@ class Backbone:
         try:
             out = self.model(**batch, use_cache=use_cache, logits_to_keep=1)
         finally:
-            hook.remove()
+            if hook is not None:
+                hook.remove()
         return Prefill(H=captured["H"], mask=batch["attention_mask"].bool(),
-                       logits=out.logits[:, -1], past_key_values=out.past_key_values)
+                       logits=out.logits[:, -1], cache=out.get("cache"))
 
 
 def resolve_device(device: str) -> torch.device:
+    """`device` ("auto", "cpu", "cuda", "cuda:N" or "mps") checked against this machine, so
+    that a device it lacks is a one-line usage error before any weights load."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count()
+        if (resolved.index or 0) >= count:
+            have = f"{count} CUDA device(s), cuda:0 to cuda:{count - 1}" if count else "no CUDA device"
+            raise InputError(f"device {device!r}: this machine has {have}")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device {device!r}: MPS is not available on this machine")
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -281,14 +357,14 @@ def load_backbone(model: str | None = None, device: str = "auto", dtype: str = "
     GPUs, then CPU, for a model too large for one GPU; `device` then only picks the dtype."""
     if device_map not in (None, *DEVICE_MAPS):
         raise InputError(f"unknown device map {device_map!r}: use {', '.join(DEVICE_MAPS)}")
+    torch_device = resolve_device(device)  # bad options fail before the slow import below
+    torch_dtype = resolve_dtype(dtype, torch_device)
     # Importing transformers' model code costs seconds once per process; it is reported
     # apart from the load itself (weights, processor, device placement).
     started = time.perf_counter()
     import transformers.modeling_utils  # noqa: F401  (the bulk: torch.distributed, dynamo)
     import_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
     if model is None:
         directory, source = embedded_default_dir(), f"embedded:{DEFAULT_MODEL_NAME}"
         gguf_file = None
@@ -346,24 +422,22 @@ def _load(directory: Path, gguf_file: str | None, source: str, device: torch.dev
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-        model_type = "gguf"
+        model_type, weights = "gguf", directory / gguf_file
     else:
         kwargs["use_safetensors"] = True  # never unpickle weights
-        model_type = json.loads((directory / "config.json").read_text()).get("model_type", "")
+        model_type, weights = _model_type(directory, trust_remote_code), _weights_file(directory)
     class_name, modalities = FAMILIES.get(model_type, TEXT_ONLY)
     if device_map:
         kwargs["device_map"] = device_map
-    try:
-        model_class = getattr(transformers, class_name)
-        model = model_class.from_pretrained(directory, **kwargs)
+    with loading(weights, "the model"):
+        model = getattr(transformers, class_name).from_pretrained(directory, **kwargs)
+    with loading(weights if gguf_file else directory, "the tokenizer or processor"):
         if modalities:
             processor = load_processor(directory, trust_remote_code)
         else:
             processor = transformers.AutoTokenizer.from_pretrained(
                 directory, trust_remote_code=trust_remote_code,
                 **({"gguf_file": gguf_file} if gguf_file else {}))
-    except (OSError, ValueError, KeyError) as err:
-        raise InputError(f"{directory}: cannot load model ({str(err).splitlines()[0]})") from None
     if device_map is None:  # accelerate has already placed a device-mapped model
         model.to(device)
     model.eval()
@@ -374,3 +448,47 @@ def _load(directory: Path, gguf_file: str | None, source: str, device: torch.dev
     family = model.config.model_type
     return Backbone(model=model, processor=processor, family=family, modalities=modalities,
                     source=source)
+
+
+def _model_type(directory: Path, trust_remote_code: bool) -> str:
+    """config.json's model_type, read through transformers' own config class, which also
+    type-checks the fields: a garbage config is reported against config.json, not later
+    against the weights."""
+    import transformers
+
+    read_json_object(directory / "config.json")  # names what is wrong with the file itself
+    with loading(directory / "config.json", "the model config"):
+        config = transformers.AutoConfig.from_pretrained(directory,
+                                                         trust_remote_code=trust_remote_code)
+    return config.model_type
+
+
+def _weights_file(directory: Path) -> Path:
+    """What a weights failure is reported against: model.safetensors, or the index of a
+    sharded checkpoint (the folder when there is neither; transformers then says what it
+    looked for)."""
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        if (directory / name).is_file():
+            return directory / name
+    return directory
+
+
+@contextlib.contextmanager
+def loading(path: Path, what: str):
+    """Turns any failure inside (a truncated, garbage or foreign file makes libraries raise
+    all kinds of exceptions) into one InputError line naming `path`: exit 2, never a raw
+    exception. Running out of memory is not bad input and passes through, as do
+    InputErrors, which already name their input."""
+    try:
+        yield
+    except (InputError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as err:
+        raise InputError(f"{path}: cannot load {what} ({one_line(err)})") from err
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception as one line of at most `limit` characters (libraries' messages often
+    span several, with tables and hints)."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"

@@ -28,6 +28,7 @@ import torch
 
 from casa_cli.adapter import lora_path
 from casa_cli.backbone import Backbone, Prepared
+from casa_cli.head import verdict
 from casa_cli.inputs import InputError, Sample
 
 DEFENSES = ("casa", "coca", "prompt", "vsfa", "none")
@@ -69,6 +70,7 @@ class Generation:
     verdict: str | None = None  # casa only
     p_unsafe: float | None = None  # casa only
     refused: bool = False  # the adapter's refusal text stands in for decoding
+    truncated: bool = False  # the middle of the user's text was cut to fit (--truncate)
     timings: dict = field(default_factory=dict)  # prefill_ms, safety_ms, first_token_ms, ...
 
     def record(self, sample: Sample | None = None) -> dict:
@@ -78,6 +80,8 @@ class Generation:
                           refused=self.refused)
         record.update(text=self.text, prompt_tokens=self.prompt_tokens,
                       new_tokens=len(self.tokens), timings=self.timings)
+        if self.truncated:
+            record["truncated"] = True
         if sample is not None and sample.label is not None:
             record["label"] = sample.label
         return record
@@ -90,15 +94,17 @@ class Stream:
     continue from their own last position, and Qwen2-VL / Omni continue their 3-D (mrope)
     positions, whose text offset from the image grid is fixed at the prefill."""
 
-    def __init__(self, backbone: Backbone, prepared: list[Prepared]):
+    def __init__(self, backbone: Backbone, prepared: list[Prepared], capture: bool = False):
+        """`capture`: also keep the head's states `H` (casa only; other defences run the
+        plain prefill, so `casa profile` charges none of CASA's cost to them)."""
         self.model = backbone.model
         batch = backbone.collate(prepared)
         # The positions generate would use: attention-mask based (left padding), and for
         # mrope families [text; t; h; w] from the image/audio grids.
         positions = self.model._prepare_position_ids_for_generation(batch["input_ids"], dict(batch))
         batch["position_ids"] = positions
-        self.prefill = backbone.prefill(batch, use_cache=True)
-        self.cache = self.prefill.past_key_values
+        self.prefill = backbone.prefill(batch, use_cache=True, capture=capture)
+        self.cache = self.prefill.cache
         self.mask = batch["attention_mask"]
         self.position = positions[..., -1:]
 
@@ -110,8 +116,8 @@ class Stream:
         self.position = self.position + 1
         out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds,
                          attention_mask=self.mask, position_ids=self.position,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.cache = out.past_key_values
+                         cache=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache = out.cache
         return out.logits[:, -1]
 
     def feed(self, token: int) -> torch.Tensor:
@@ -223,17 +229,18 @@ def with_principle(sample: Sample, principle: str) -> Sample:
     return replace(sample, messages=messages)
 
 
-def has_lora(casa) -> bool:
-    """A LoRA adapter: `load` has merged its weights into the backbone, so this model was
-    trained to write what follows the safety token."""
-    return lora_path(casa.adapter_dir) is not None
+def writes_after_token(casa) -> bool:
+    """A CASA LoRA adapter (mode "lora"): `load` has merged its weights into the backbone,
+    so this model was trained to write what follows the safety token. A VSFA adapter also
+    carries a lora/ folder, but its model never saw a safety token."""
+    return casa.config.mode == "lora" and lora_path(casa.adapter_dir) is not None
 
 
 def check_defense(casa, defense: str) -> None:
     """Raise InputError when `defense` is unknown or cannot run on this loaded model."""
     if defense not in DEFENSES:
         raise InputError(f"unknown defense {defense!r}; expected one of {', '.join(DEFENSES)}")
-    if defense == "vsfa" and not (casa.config.mode == "vsfa" and has_lora(casa)):
+    if defense == "vsfa" and not (casa.config.mode == "vsfa" and lora_path(casa.adapter_dir)):
         where = casa.adapter_dir or "the model without an adapter"
         raise InputError(f"--defense vsfa needs a VSFA adapter (made by `casa vsfa train`); "
                          f"{where} is not one (adapter mode {casa.config.mode!r})")
@@ -275,14 +282,15 @@ def generate(casa, sample: Sample, defense: str = "casa", on_unsafe: str | None 
         return coca_logits(logits, alpha) if defense == "coca" else logits[0]
 
     started = sync_clock(backbone.device)
-    stream = Stream(backbone, prepared)
+    stream = Stream(backbone, prepared, capture=defense == "casa")
     timings = {"prefill_ms": round((sync_clock(backbone.device) - started) * 1000, 3)}
     # prompt_tokens: the user's own prompt (coca's last row is the one without principle)
     result = Generation(id=sample.id, defense=defense, text="", tokens=[],
-                        prompt_tokens=int(stream.prefill.mask[-1].sum()), timings=timings)
+                        prompt_tokens=int(stream.prefill.mask[-1].sum()),
+                        truncated=prepared[-1].truncated, timings=timings)
     logits = combine(stream.prefill.logits)
     if defense == "casa":
-        on_unsafe = on_unsafe or ("generate" if has_lora(casa) else "refuse")
+        on_unsafe = on_unsafe or ("generate" if writes_after_token(casa) else "refuse")
         logits = casa_verdict(casa, stream, result, threshold, on_unsafe)
     if logits is None:  # refused: the adapter's text stands in for the answer
         result.text = casa.config.refusal
@@ -298,18 +306,19 @@ def generate(casa, sample: Sample, defense: str = "casa", on_unsafe: str | None 
 def casa_verdict(casa, stream: Stream, result: Generation, threshold,
                  on_unsafe: str) -> torch.Tensor | None:
     """The safety step on the prefill's `H`; sets the verdict on `result` and returns the
-    logits decoding starts from (None when the refusal text stands in)."""
+    logits decoding starts from (None when the refusal text stands in). A score that
+    cannot be judged (not finite) raises ValueError: no answer is given for it."""
     threshold = casa.config.threshold if threshold is None else threshold
     device = casa.backbone.device
     started = sync_clock(device)
     out = casa.head(stream.prefill.H, stream.prefill.mask, backend=casa.kernel)
     result.p_unsafe = float(out.p_unsafe[0])
-    result.verdict = "unsafe" if result.p_unsafe >= threshold else "safe"
+    result.verdict = verdict(result.p_unsafe, threshold)
     result.timings["safety_ms"] = round((sync_clock(device) - started) * 1000, 3)
     if result.verdict == "unsafe" and on_unsafe == "refuse":
         result.refused = True
         return None
-    if not has_lora(casa):
+    if not writes_after_token(casa):
         return stream.prefill.logits[0]  # exactly the plain model's continuation
     label = int(result.verdict == "unsafe")
     token = casa.head.token_in[label].to(casa.backbone.dtype).expand(stream.mask.shape[0], 1, -1)

@@ -89,6 +89,24 @@ def safety_head_reference(H, mask, Q, V, b, token_out, gate: str = "log",
     return HeadOutput(z, l_safe, l_unsafe, p_unsafe, weights if return_weights else None)
 
 
+def check_threshold(threshold: float) -> float:
+    """A usable verdict threshold: a finite number in [0, 1] (NaN would compare false
+    everywhere and call every prompt safe)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+            or not 0.0 <= threshold <= 1.0:  # NaN fails the range test too
+        raise InputError(f"threshold {threshold!r} is not a number in [0, 1]")
+    return float(threshold)
+
+
+def verdict(p_unsafe: float, threshold: float) -> str:
+    """'unsafe' or 'safe'; fails closed: a score that is not a finite probability cannot be
+    judged and raises ValueError (the caller's record becomes an error, never 'safe')."""
+    if not 0.0 <= p_unsafe <= 1.0:  # also catches NaN
+        raise ValueError(f"cannot judge: the safety score is {p_unsafe} (not a finite "
+                         "probability; non-finite model states?)")
+    return "unsafe" if p_unsafe >= check_threshold(threshold) else "safe"
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """'auto' takes the Triton kernel on CUDA and the reference elsewhere."""
     if backend not in BACKENDS:

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,10 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from casa_cli.adapter import AdapterConfig, init_adapter, load_adapter, lora_path
-from casa_cli.backbone import Backbone, Prepared, load_backbone
+from casa_cli.adapter import AdapterConfig, init_adapter, load_adapter, lora_path, merge_lora
+from casa_cli.backbone import Backbone, Prepared, load_backbone, resolve_device
 from casa_cli.decoding import generate
-from casa_cli.head import SafetyHead, resolve_backend
+from casa_cli.head import SafetyHead, check_threshold, kernel_available, resolve_backend, verdict
 from casa_cli.inputs import InputError, Sample, prompt_sample
 
 DEFAULT_ADAPTER = "smollm2-135m-instruct"
@@ -86,8 +87,9 @@ class Casa:
     def verdicts(self, prepared: list[Prepared], threshold: float | None = None,
                  explain: int = 0) -> list[dict]:
         """Run one batch through prefill and the safety head; one record per sample. With
-        `explain`, each record lists the prompt tokens that pushed z up the most."""
-        threshold = self.config.threshold if threshold is None else threshold
+        `explain`, each record lists the prompt tokens that pushed z up the most. A sample
+        whose score is not a finite probability gets an error record, never a verdict."""
+        threshold = check_threshold(self.config.threshold if threshold is None else threshold)
         started = time.perf_counter()
         batch = self.backbone.collate(prepared)
         prefill = self.backbone.prefill(batch)
@@ -97,11 +99,18 @@ class Casa:
         records = []
         for i, p in enumerate(prepared):
             p_unsafe = float(out.p_unsafe[i])
-            record = {"id": p.sample.id, "verdict": "unsafe" if p_unsafe >= threshold else "safe",
+            try:
+                judged = verdict(p_unsafe, threshold)
+            except ValueError as err:
+                records.append(error_record(p.sample.id, err))
+                continue
+            record = {"id": p.sample.id, "verdict": judged,
                       "p_unsafe": round(p_unsafe, 6), "z": round(float(out.z[i]), 6),
                       "lm_log_odds": round(float(out.lm_log_odds[i]), 6),
                       "prompt_tokens": int(prefill.mask[i].sum()),
                       "latency_ms": round(per_sample_ms, 3)}
+            if p.truncated:
+                record["truncated"] = True
             if p.sample.label is not None:
                 record["label"] = p.sample.label
             if explain:
@@ -122,8 +131,13 @@ class Casa:
     def classify(self, samples: Iterable[Sample], batch_size: int = 8,
                  threshold: float | None = None, truncate: bool = False, explain: int = 0,
                  on_batch: Callable[[int], None] | None = None) -> Iterator[dict]:
-        """Verdicts for `samples`, in input order. A sample that fails yields an error record
+        """Verdicts for `samples`, each batch's records as soon as it finishes (so a killed
+        run loses at most the batch in flight). Samples are read `batch_size` x
+        WINDOW_BATCHES at a time and batched by length, so records come in input order only
+        within a batch: match them by `id`. A sample that fails yields an error record
         `{"id", "error"}` and the rest go on. `on_batch(n)` is told of each finished batch."""
+        if threshold is not None:
+            check_threshold(threshold)
         window: list[Sample] = []
         for sample in samples:
             window.append(sample)
@@ -134,24 +148,39 @@ class Casa:
             yield from self._classify_window(window, batch_size, threshold, truncate, explain, on_batch)
 
     def _classify_window(self, window, batch_size, threshold, truncate, explain, on_batch):
-        results: dict[int, dict] = {}
+        """Text is checked and fitted for the whole window (cheap), media are decoded one
+        batch at a time (an image can take a gigabyte decoded), just before it runs."""
         ready: list[tuple[int, Prepared]] = []
+        failed = []
         for index, sample in enumerate(window):
             try:
-                ready.append((index, self.backbone.prepare(sample, truncate)))
+                ready.append((index, self.backbone.prepare(sample, truncate, decode_media=False)))
             except InputError as err:
-                results[index] = error_record(sample.id, err)
+                failed.append(error_record(sample.id, err))
+        yield from failed
+        if failed and on_batch:
+            on_batch(len(failed))
         # Length-sorted batches waste less compute on padding.
         ready.sort(key=lambda item: len(item[1].text))
         for start in range(0, len(ready), batch_size):
-            chunk = ready[start:start + batch_size]
-            prepared = [p for _, p in chunk]
-            for (index, _), record in zip(chunk, self._run_batch(prepared, threshold, explain)):
-                results[index] = record
+            chunk = sorted(ready[start:start + batch_size], key=lambda item: item[0])
+            records: dict[int, dict] = {}
+            loaded: list[tuple[int, Prepared]] = []
+            for index, p in chunk:
+                try:
+                    self.backbone.load_media(p)
+                    loaded.append((index, p))
+                except InputError as err:
+                    records[index] = error_record(p.sample.id, err)
+            if loaded:
+                batch = [p for _, p in loaded]
+                for (index, _), record in zip(loaded, self._run_batch(batch, threshold, explain)):
+                    records[index] = record
+            for _, p in loaded:
+                p.media = {}  # decoded media live for one batch only
+            yield from (records[index] for index, _ in chunk)
             if on_batch:
                 on_batch(len(chunk))
-        for index in range(len(window)):
-            yield results[index]
 
     def _run_batch(self, prepared: list[Prepared], threshold, explain) -> list[dict]:
         """A failing batch is retried one sample at a time, so only the bad one fails."""
@@ -193,21 +222,48 @@ def peak_rss_mb() -> float:
 
 def load(model: str | None = None, adapter: str | Path | None = None, device: str = "auto",
          dtype: str = "auto", kernel: str = "auto", trust_remote_code: bool = False,
-         device_map: str | None = None) -> Casa:
+         device_map: str | None = None, max_audio_seconds: float | None = None) -> Casa:
     """Load a backbone and its adapter. With no `model`, the embedded default and its shipped
     adapter; with no adapter at all, a fresh untrained head (`casa.trained` is False).
-    `device_map="auto"` spreads the model over the visible GPUs (see `load_backbone`)."""
+    `device_map="auto"` spreads the model over the visible GPUs (see `load_backbone`).
+    `max_audio_seconds` caps audio clips (None: the audio encoder's window). Options are
+    checked against this machine before any weights load; every load failure is one
+    InputError line naming the file."""
+    check_audio_cap(max_audio_seconds)
+    if device_map is None:  # with a device map, the head's device is known only once placed
+        check_kernel(kernel, resolve_device(device))
     backbone = load_backbone(model, device=device, dtype=dtype,
                              trust_remote_code=trust_remote_code, device_map=device_map)
-    resolve_backend(kernel, backbone.device)  # reject a bad --kernel before any work
+    check_kernel(kernel, backbone.device)
+    backbone.max_audio_seconds = max_audio_seconds
     adapter_dir = Path(adapter) if adapter else (default_adapter_dir() if model is None else None)
     if adapter_dir is not None:
         config, head = load_adapter(adapter_dir, backbone)
         if lora_path(adapter_dir):
-            from peft import PeftModel
-            # Merged into the base weights: the fine-tuned model at the base model's speed.
-            backbone.model = PeftModel.from_pretrained(
-                backbone.model, str(lora_path(adapter_dir))).merge_and_unload().eval()
+            backbone.model = merge_lora(backbone.model, lora_path(adapter_dir))
     else:
         config, head = init_adapter(backbone)
     return Casa(backbone, head.to(backbone.device), config, adapter_dir, kernel)
+
+
+def check_kernel(kernel: str, device: torch.device) -> None:
+    """A usage error up front, rather than every record failing, for a kernel this device
+    cannot run. (`resolve_backend` itself accepts "triton" anywhere: tests run the kernel
+    through Triton's CPU interpreter.)"""
+    if resolve_backend(kernel, device) != "triton":
+        return
+    if device.type != "cuda":
+        raise InputError("the Triton kernel needs a CUDA device; use --kernel torch or auto")
+    if not kernel_available():
+        raise InputError("the Triton kernel needs the triton package, which is not installed; "
+                         "use --kernel torch or auto")
+
+
+def check_audio_cap(seconds: float | None) -> None:
+    """The audio duration cap is a finite number of seconds above 0 (a NaN cap would compare
+    false everywhere and let any clip through)."""
+    if seconds is None:
+        return
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
+            or not 0 < seconds < math.inf:
+        raise InputError(f"--max-audio-seconds {seconds!r}: not a finite number of seconds above 0")
