@@ -21,10 +21,9 @@ from torch.nn import functional as F
 from casa_cli.adapter import init_adapter
 from casa_cli.backbone import load_backbone
 from casa_cli.data.baseline import BagOfWords
-from casa_cli.inputs import read_manifest
 from casa_cli.metrics import score_metrics
 from casa_cli.training import (TrainOptions, calibrated_threshold, fit_head, label_of,
-                               prompt_states, score)
+                               prompt_states, read_examples, score)
 
 SPLITS = ("train", "val", "test_ordinary", "test_overrefusal")
 
@@ -70,7 +69,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    samples = {k: list(read_manifest(args.data / f"{k}.jsonl")) for k in SPLITS}
+    samples = {k: read_examples([args.data / f"{k}.jsonl"]) for k in SPLITS}
     labels = {k: [label_of(s) for s in v] for k, v in samples.items()}
     records = {k: [{"text": s.text, "label": s.label} for s in v] for k, v in samples.items()}
     bow = BagOfWords().fit(records["train"])

@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
+from casa_cli.backbone import loading
 from casa_cli.head import GATES, SAFETY_TOKENS, SafetyHead
 from casa_cli.inputs import InputError
 from casa_cli.output import strict_json
+from casa_cli.processors import read_json_object
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "casa_config.json"
 HEAD_FILE = "head.safetensors"
 LORA_DIR = "lora"
+LORA_CONFIG = "adapter_config.json"
+LORA_WEIGHTS = "adapter_model.safetensors"
+PICKLED_LORA_WEIGHTS = "adapter_model.bin"  # peft's old format: never loaded (unpickling runs code)
+MODES = ("head", "lora", "vsfa")
 DEFAULT_REFUSAL = "I can't help with that request."
 # Words whose embeddings seed the safety tokens' rows, so an untrained head starts from the
 # LM's own notion of "safe" vs "unsafe" rather than from noise.
@@ -41,11 +47,78 @@ class AdapterConfig:
     refusal: str = DEFAULT_REFUSAL
     safety_prompt: str | None = None
     trained: bool = False
-    mode: str = "head"  # "head" or "lora"
+    mode: str = "head"  # one of MODES
     layer: int | None = None  # decoder layer the head reads (through the final norm); None = last
     training: dict = field(default_factory=dict)  # data summary, hyper-parameters
     metrics: dict = field(default_factory=dict)  # held-out metrics
     format_version: int = FORMAT_VERSION
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_token(entry) -> bool:
+    return (isinstance(entry, dict) and set(entry) == {"string", "id"}
+            and isinstance(entry["string"], str) and _is_int(entry["id"]))
+
+
+# What each field of casa_config.json must hold. A wrong value must never reach the head:
+# a NaN threshold compares false everywhere and would call every prompt safe.
+FIELD_CHECKS = {
+    "base_model": (lambda v: isinstance(v, str), "a string"),
+    "fingerprint": (lambda v: isinstance(v, str), "a string"),
+    "hidden_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "heads": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "gate": (lambda v: isinstance(v, str) and v in GATES, f"one of {', '.join(GATES)}"),
+    "threshold": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                  and 0.0 <= v <= 1.0, "a number in [0, 1]"),  # NaN fails the range test
+    "tokens": (lambda v: isinstance(v, dict) and set(v) == {"safe", "unsafe"}
+               and all(map(_is_token, v.values())),
+               'an object {"safe": {"string", "id"}, "unsafe": {"string", "id"}}'),
+    "refusal": (lambda v: isinstance(v, str), "a string"),
+    "safety_prompt": (lambda v: v is None or isinstance(v, str), "null or a string"),
+    "trained": (lambda v: isinstance(v, bool), "true or false"),
+    "mode": (lambda v: isinstance(v, str) and v in MODES, f"one of {', '.join(MODES)}"),
+    "layer": (lambda v: v is None or (_is_int(v) and v > 0), "null or a layer number from 1"),
+    "training": (lambda v: isinstance(v, dict), "an object"),
+    "metrics": (lambda v: isinstance(v, dict), "an object"),
+    "format_version": (_is_int, "an integer"),
+}
+REQUIRED = tuple(f.name for f in fields(AdapterConfig)
+                 if f.default is MISSING and f.default_factory is MISSING)
+
+
+def check_config(raw: dict, where: Path) -> None:
+    """Every field of an adapter config is known, present when required and of the right
+    type and range; otherwise one InputError line naming `where` and the field."""
+    unknown = sorted(set(raw) - set(FIELD_CHECKS))
+    missing = [name for name in REQUIRED if name not in raw]
+    if unknown or missing:
+        problem = f"unknown field {unknown[0]!r}" if unknown else f"missing field {missing[0]!r}"
+        raise InputError(f"{where}: {problem}")
+    for name, value in raw.items():
+        valid, expected = FIELD_CHECKS[name]
+        if not valid(value):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise InputError(f"{where}: field {name!r} must be {expected}, not {shown}")
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, all finite: a NaN or Inf in a head or LoRA weight
+    silently turns every verdict into "safe" (or every answer into noise)."""
+    from safetensors.torch import load_file
+
+    with loading(path, "tensors"):
+        tensors = load_file(str(path))
+    check_finite(tensors, path)
+    return tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: Path) -> None:
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise InputError(f"{where}: tensor {name!r} has non-finite values (NaN or Inf)")
 
 
 def fingerprint(backbone) -> str:
@@ -93,13 +166,20 @@ def _word_rows(backbone, matrix: torch.Tensor) -> torch.Tensor:
 
 
 def save_adapter(directory: Path, config: AdapterConfig, head: SafetyHead, lora_model=None) -> Path:
+    """Write an adapter, refusing (InputError, nothing written) one that would not load:
+    a threshold or tensor that is not finite, a field of the wrong type."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     config.heads, config.hidden_size, config.gate = head.heads, head.hidden_size, head.gate
     config.threshold = float(config.threshold)
     tensors = {name: p.detach().float().cpu().contiguous() for name, p in head.named_parameters()}
+    check_config(asdict(config), directory / CONFIG_FILE)
+    check_finite(tensors, directory / HEAD_FILE)
+    if lora_model is not None:
+        from peft import get_peft_model_state_dict
+        check_finite(get_peft_model_state_dict(lora_model), directory / LORA_DIR / LORA_WEIGHTS)
+    directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / HEAD_FILE), metadata={"format": "casa-head"})
     (directory / CONFIG_FILE).write_text(json.dumps(strict_json(asdict(config)), indent=2) + "\n")
     if lora_model is not None:
@@ -108,25 +188,21 @@ def save_adapter(directory: Path, config: AdapterConfig, head: SafetyHead, lora_
 
 
 def read_config(directory: Path) -> AdapterConfig:
+    """The adapter's casa_config.json, every field checked (`check_config`)."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise InputError(f"{directory}: not a CASA adapter (no {CONFIG_FILE})")
-    try:
-        raw = json.loads(path.read_text())
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise InputError(f"{path}: adapter format version {raw.get('format_version')}, "
-                             f"this casa reads version {FORMAT_VERSION}")
-        return AdapterConfig(**raw)
-    except (json.JSONDecodeError, TypeError) as err:
-        raise InputError(f"{path}: corrupt adapter config ({err})") from None
+    raw = read_json_object(path)
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path}: adapter format version {raw.get('format_version')!r}, "
+                         f"this casa reads version {FORMAT_VERSION}")
+    check_config(raw, path)
+    return AdapterConfig(**raw)
 
 
 def load_adapter(directory: Path, backbone) -> tuple[AdapterConfig, SafetyHead]:
     """Read an adapter, check it belongs to `backbone` (refusing a mismatch clearly) and
     point the backbone at the layer the head reads."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     config = read_config(directory)
     actual = fingerprint(backbone)
@@ -138,20 +214,41 @@ def load_adapter(directory: Path, backbone) -> tuple[AdapterConfig, SafetyHead]:
         backbone.read_layer(config.layer)
     except InputError as err:
         raise InputError(f"{directory}: {err}") from None
-    try:
-        tensors = load_file(str(directory / HEAD_FILE))
-    except (FileNotFoundError, SafetensorError, OSError) as err:
-        raise InputError(f"{directory / HEAD_FILE}: cannot read ({err})") from None
+    path = directory / HEAD_FILE
+    if not path.is_file():
+        raise InputError(f"{path}: missing")
+    tensors = read_tensors(path)
+    token_in = tensors.get("token_in")
+    embed_size = token_in.shape[-1] if token_in is not None and token_in.dim() == 2 else None
     head = SafetyHead(config.hidden_size, config.heads, gate=config.gate,
-                      threshold=config.threshold,
-                      embed_size=tensors.get("token_in", torch.empty(0, 0)).shape[-1] or None)
+                      threshold=config.threshold, embed_size=embed_size)
     expected = {name: tuple(p.shape) for name, p in head.named_parameters()}
     found = {name: tuple(t.shape) for name, t in tensors.items()}
     if expected != found:
-        raise InputError(f"{directory / HEAD_FILE}: tensor shapes {found} do not match the "
-                         f"config's {expected}")
+        raise InputError(f"{path}: tensor shapes {found} do not match the config's {expected}")
     head.load_state_dict(tensors)
     return config, head.to(backbone.device)
+
+
+def merge_lora(model, directory: Path):
+    """`model` with the LoRA in `directory` merged into its weights: the fine-tuned model at
+    the base model's speed. Weights come from safetensors only: a folder with only a
+    pickled adapter_model.bin is refused and the pickle never opened."""
+    from peft import PeftConfig, PeftModel
+
+    weights = directory / LORA_WEIGHTS
+    if not weights.is_file():
+        pickled = (directory / PICKLED_LORA_WEIGHTS).exists()
+        raise InputError(f"{weights}: missing; casa loads LoRA weights from safetensors only"
+                         + (f" and never loads {PICKLED_LORA_WEIGHTS} (pickle)" if pickled else ""))
+    read_json_object(directory / LORA_CONFIG)
+    with loading(directory / LORA_CONFIG, "the LoRA config"):
+        config = PeftConfig.from_pretrained(str(directory))
+    read_tensors(weights)  # only checked (finite); peft reads the file again below
+    # peft takes adapter_model.safetensors over a .bin whenever it exists (checked above).
+    with loading(directory, "the LoRA adapter"):
+        merged = PeftModel.from_pretrained(model, str(directory), config=config).merge_and_unload()
+    return merged.eval()
 
 
 def lora_path(directory: Path | None) -> Path | None:

@@ -24,7 +24,7 @@ from casa_cli.data.benchmarks import read_benchmark
 from casa_cli.data.prompt_sets import SETS, MissingPackageError, load_set
 from casa_cli.decoding import DEFENSES, DecodeOptions
 from casa_cli.distributed import merge
-from casa_cli.inputs import InputError, Sample
+from casa_cli.inputs import InputError, Sample, refuse_duplicate_ids
 from casa_cli.judges import is_refusal
 from casa_cli.metrics import breakdown, defence_metrics, modality
 from casa_cli.output import RecordWriter, read_records, strict_json
@@ -60,7 +60,9 @@ def load_records(manifest: str | Path | None = None, benchmark: str | Path | Non
                  limit: int | None = None) -> list[dict]:
     """Benchmark records from exactly one source: a JSONL manifest, a benchmark path (its
     format detected unless given), or registry prompt sets by name. Reading is eager, so a
-    malformed file fails here, before any model time, with ``file:line`` in the message."""
+    malformed benchmark file, or two prompts with one id, fails here, before any model time,
+    with ``file:line`` in the message. A malformed manifest line is the exception: it is a
+    record carrying ``"error"``, which ``answer`` reports under each defence."""
     sets = list(sets)
     if sum([manifest is not None, benchmark is not None, bool(sets)]) != 1:
         raise InputError("give exactly one prompt source: --manifest FILE, --benchmark PATH "
@@ -81,11 +83,9 @@ def load_records(manifest: str | Path | None = None, benchmark: str | Path | Non
     for record in records:  # registry sets are text only: give them the readers' media keys
         record.setdefault("images", [])
         record.setdefault("audio", None)
-    seen = set()
-    for record in records:
-        if record["id"] in seen:  # results and --resume are keyed by (defence, id)
-            raise InputError(f"duplicate prompt id {record['id']!r}: ids must be unique")
-        seen.add(record["id"])
+    # Results and --resume are keyed by (defence, id).
+    source = next((str(p) for p in (manifest, benchmark) if p is not None), ", ".join(sets))
+    refuse_duplicate_ids((r["id"] for r in records), source)
     return limit_records(records, limit) if limit else records
 
 
@@ -105,15 +105,20 @@ def limit_records(records: list[dict], limit: int) -> list[dict]:
 
 def figstep_records(records: list[dict], out_dir: str | Path, write: bool = True) -> list[dict]:
     """Every text-only prompt rendered as a FigStep image attack into ``out_dir`` (see
-    ``render.render_many``); prompts that already carry media are kept as they are."""
-    text_only = [r for r in records if not (r.get("images") or r.get("audio"))]
-    rendered = iter(render_many(text_only, out_dir, write))
-    return [next(rendered) if not (r.get("images") or r.get("audio")) else r for r in records]
+    ``render.render_many``); prompts that already carry media, and malformed lines (records
+    with an ``"error"``), are kept as they are."""
+    def text_only(record: dict) -> bool:
+        return not (record.get("images") or record.get("audio") or "error" in record)
+
+    rendered = iter(render_many([r for r in records if text_only(r)], out_dir, write))
+    return [next(rendered) if text_only(r) else r for r in records]
 
 
 def write_manifest(records: Iterable[dict], path: str | Path) -> Path:
     """Records as a JSONL manifest that both `casa eval --manifest` and `casa classify
-    --manifest` read; media paths are written relative to the manifest's folder."""
+    --manifest` read; media paths are written relative to the manifest's folder. A malformed
+    line (a record with an ``"error"``) is kept as its id and error, so that reading the
+    manifest back still reports it rather than losing it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -122,6 +127,10 @@ def write_manifest(records: Iterable[dict], path: str | Path) -> Path:
 
     with path.open("w", encoding="utf-8") as f:
         for r in records:
+            if "error" in r:
+                row = {"id": r["id"], "error": r["error"]}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                continue
             row = {"id": r["id"], "text": r["text"], "images": [relative(p) for p in r.get("images", [])]}
             if r.get("audio"):
                 row["audio"] = relative(r["audio"])
@@ -134,7 +143,8 @@ def to_sample(record: dict) -> Sample:
     return Sample(id=record["id"], messages=[{"role": "user", "content": record["text"]}],
                   images=[Path(p) for p in record.get("images", [])],
                   audio=[Path(record["audio"])] if record.get("audio") else [],
-                  label=record.get("label"), category=record.get("category"))
+                  label=record.get("label"), category=record.get("category"),
+                  error=record.get("error"))
 
 
 # ---------------------------------------------------------------------------- judges
@@ -191,7 +201,10 @@ def result_key(result: dict) -> tuple[str | None, str]:
 
 def answer(casa, record: dict, defence: str, judge: Callable[[str, str], bool],
            options: DecodeOptions, threshold: float | None, truncate: bool) -> dict:
-    """One prompt under one defence, judged: the per-prompt result, or an error record."""
+    """One prompt under one defence, judged: the per-prompt result, or an error record (a
+    malformed manifest line is one under every defence, and is never run)."""
+    if "error" in record:
+        return {"defence": defence, "id": record["id"], "error": record["error"]}
     started = time.perf_counter()
     try:
         generation = casa.generate(to_sample(record), defence, options=options,

@@ -16,9 +16,31 @@ from torch.nn import functional as F
 from casa_cli.adapter import fingerprint
 from casa_cli.backbone import Backbone, cache_dir
 from casa_cli.head import SafetyHead
-from casa_cli.inputs import Sample
+from casa_cli.inputs import InputError, Sample
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Varied refusals for the lora mode's harmful targets, so the model does not learn one string.
+REFUSALS = (
+    "I can't help with that.",
+    "I'm sorry, but I can't assist with that request.",
+    "I won't provide that. It could cause serious harm.",
+    "Sorry, I can't help with this. If you're in danger, please contact local emergency services.",
+    "I can't help with that request, but I'm happy to help with something else.",
+    "That's not something I can help with.",
+    "I'm not able to provide instructions for that.",
+    "I must decline: this request could be used to hurt people.",
+)
+
+
+def decoder_targets(model: torch.nn.Module) -> list[str]:
+    """Full names of the text decoder's attention projections: a plain suffix such as
+    "q_proj" would also match a vision or audio tower's, which stay frozen."""
+    inside = {id(m) for m in model.get_decoder().modules()}
+    names = [name for name, module in model.named_modules()
+             if id(module) in inside and name.rsplit(".", 1)[-1] in LORA_TARGETS]
+    if not names:
+        raise InputError(f"no attention projections ({', '.join(LORA_TARGETS)}) in the text decoder")
+    return names
 
 
 def self_answers(backbone: Backbone, samples: list[Sample], max_new_tokens: int) -> list[str]:
@@ -65,24 +87,23 @@ def continuation_loss(backbone: Backbone, model, head: SafetyHead, sample: Sampl
     mask = torch.ones(1, batch["attention_mask"].shape[1] + inputs.shape[1],
                       dtype=batch["attention_mask"].dtype, device=backbone.device)
     out = model(inputs_embeds=inputs, attention_mask=mask,
-                past_key_values=prefill.past_key_values, use_cache=True)
+                cache=prefill.cache, use_cache=True)
     return F.cross_entropy(out.logits[0].float(), target_ids[0])
 
 
-def fit_lora(backbone: Backbone, head: SafetyHead, examples: list[Sample], options,
-             on_step: Callable[[int], None] | None = None):
-    """One pass of LoRA + token_in training on the continuation loss; returns the peft model."""
+def fit_lora(backbone: Backbone, head: SafetyHead, examples: list[Sample], labels: list[int],
+             options, on_step: Callable[[int], None] | None = None):
+    """One pass of LoRA + token_in training on the continuation loss (`labels`: 1 harmful,
+    0 benign, one per example); returns the peft model."""
     from peft import LoraConfig, get_peft_model
 
-    from casa_cli.training import REFUSALS, label_of
-
-    labels = [label_of(s) for s in examples]
-    benign = [s for s, y in zip(examples, labels) if y == 0]
-    answers = dict(zip((s.id for s in benign),
-                       self_answers(backbone, benign, options.max_response_tokens)))
+    benign = [i for i, y in enumerate(labels) if y == 0]
+    # Keyed by position: ids repeat across several --data files (line-1, ...).
+    answers = dict(zip(benign, self_answers(backbone, [examples[i] for i in benign],
+                                            options.max_response_tokens)))
     model = get_peft_model(backbone.model, LoraConfig(
         r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=0.0,
-        target_modules=LORA_TARGETS))
+        target_modules=decoder_targets(backbone.model)))
     head.token_in.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad] + [head.token_in]
     optimiser = torch.optim.AdamW(trainable, lr=options.lora_lr)
@@ -92,7 +113,7 @@ def fit_lora(backbone: Backbone, head: SafetyHead, examples: list[Sample], optio
     model.train()
     for index in order:
         sample, label = examples[index], labels[index]
-        target = generator.choice(REFUSALS) if label == 1 else answers[sample.id]
+        target = generator.choice(REFUSALS) if label == 1 else answers[index]
         loss = options.lam * continuation_loss(backbone, model, head, sample, label, target)
         optimiser.zero_grad()
         loss.backward()

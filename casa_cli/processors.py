@@ -10,6 +10,8 @@ import functools
 import json
 from pathlib import Path
 
+from casa_cli.inputs import InputError
+
 
 @functools.cache
 def without_video(processor_class: type) -> type:
@@ -52,7 +54,7 @@ def processor_class_name(directory: Path) -> str:
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
         path = directory / name
         if path.is_file():
-            found = json.loads(path.read_text()).get("processor_class")
+            found = read_json_object(path).get("processor_class")
             if found:
                 return found
     raise ValueError(f"{directory}: cannot tell the processor class (no processor_class in its configs)")
@@ -62,5 +64,16 @@ def chat_template(directory: Path) -> str | None:
     if (directory / "chat_template.jinja").is_file():
         return (directory / "chat_template.jinja").read_text()
     if (directory / "chat_template.json").is_file():
-        return json.loads((directory / "chat_template.json").read_text())["chat_template"]
+        return read_json_object(directory / "chat_template.json").get("chat_template")
     return None
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from `path`; anything else is one InputError line naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+        raise InputError(f"{path}: not readable JSON ({' '.join(str(err).split())})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value

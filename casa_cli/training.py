@@ -30,24 +30,12 @@ from torch.nn import functional as F
 from casa_cli.adapter import AdapterConfig, fingerprint, init_adapter
 from casa_cli.backbone import Backbone, cache_dir
 from casa_cli.head import SafetyHead, gated_logits
-from casa_cli.inputs import InputError, Sample, read_manifest
+from casa_cli.inputs import InputError, Sample, normalise_label, read_manifest
+from casa_cli.lora import fit_lora
 from casa_cli.metrics import score_metrics, tpr_at_fpr
 
 MODES = ("head", "lora")
 VARIANTS = ("full", "token", "attention")
-HARMFUL_LABELS = {"harmful", "unsafe", "1", "true"}
-BENIGN_LABELS = {"benign", "safe", "0", "false"}
-# Varied refusals for the lora mode's harmful targets, so the model does not learn one string.
-REFUSALS = (
-    "I can't help with that.",
-    "I'm sorry, but I can't assist with that request.",
-    "I won't provide that. It could cause serious harm.",
-    "Sorry, I can't help with this. If you're in danger, please contact local emergency services.",
-    "I can't help with that request, but I'm happy to help with something else.",
-    "That's not something I can help with.",
-    "I'm not able to provide instructions for that.",
-    "I must decline: this request could be used to hurt people.",
-)
 
 
 @dataclass
@@ -74,20 +62,24 @@ class TrainOptions:
 
 
 def label_of(sample: Sample) -> int:
-    label = str(sample.label).strip().lower()
-    if label in HARMFUL_LABELS:
-        return 1
-    if label in BENIGN_LABELS:
-        return 0
-    raise InputError(f"{sample.id}: label {sample.label!r} is neither harmful nor benign")
+    """1 for harmful, 0 for benign; an unlabelled sample cannot be trained or scored on."""
+    try:
+        label = normalise_label(sample.label)
+    except InputError as err:
+        raise InputError(f"{sample.origin or sample.id}: {err}") from None
+    if label is None:
+        raise InputError(f"{sample.origin or sample.id}: no label (harmful or benign)")
+    return int(label == "harmful")
 
 
 def read_examples(paths: list[Path]) -> list[Sample]:
-    """Labelled prompts from JSONL manifests; any unreadable line or label stops training."""
+    """Labelled prompts from JSONL manifests. Any malformed or unlabelled line stops
+    training with its file:line: a model should not quietly learn from part of its data."""
     samples = []
     for path in paths:
         for sample in read_manifest(Path(path)):
-            sample.check()
+            if sample.error:
+                raise InputError(sample.error)
             label_of(sample)
             samples.append(sample)
     if not samples:
@@ -240,6 +232,16 @@ def calibrated_threshold(labels: list[int], scores: list[float], target_fpr: flo
     return float(min(max(math.nextafter(found, 1.0), 1e-6), 1 - 1e-6))
 
 
+def require_both_labels(labels: list[int], what: str) -> None:
+    """InputError unless `labels` hold harmful and benign examples: the threshold is set at a
+    false-positive rate on benign prompts and the best epoch is picked by AUROC, both
+    undefined on one class (it would save a NaN threshold that breaks every later verdict)."""
+    missing = [name for name, y in (("harmful", 1), ("benign", 0)) if y not in labels]
+    if missing:
+        raise InputError(f"{what} has no {' and no '.join(missing)} examples; "
+                         "it needs both harmful and benign ones")
+
+
 def split_validation(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     order = list(range(n))
     random.Random(seed).shuffle(order)
@@ -258,24 +260,27 @@ def train(backbone: Backbone, examples: list[Sample], options: TrainOptions,
     backbone.read_layer(options.layer)
     config, head = init_adapter(backbone, heads=options.heads, gate=options.gate, seed=options.seed)
     config.layer = options.layer
-    labels = [label_of(s) for s in examples]
-    if len(set(labels)) < 2:
-        raise InputError("training needs both harmful and benign examples")
+    require_both_labels([label_of(s) for s in examples], "the training data")
     tick = progress or (lambda name, total: (lambda n=1: None))
+    validation = "the validation set (--val)"
     if val_examples is None:
         train_idx, val_idx = split_validation(len(examples), options.val_fraction, options.seed)
         val_examples = [examples[i] for i in val_idx]
         examples = [examples[i] for i in train_idx]
+        require_both_labels([label_of(s) for s in examples],
+                            "the training data less its validation split")
+        validation = f"the validation split (--val-fraction {options.val_fraction:g} of the data)"
+    train_y, val_y = [label_of(s) for s in examples], [label_of(s) for s in val_examples]
+    require_both_labels(val_y, validation)
     all_samples = examples + val_examples
     states = prompt_states(backbone, all_samples, on_batch=tick("hidden states", len(all_samples)))
     train_states, val_states = states[: len(examples)], states[len(examples):]
-    train_y, val_y = [label_of(s) for s in examples], [label_of(s) for s in val_examples]
     head = head.float()
     history = fit_head(head, (train_states, train_y), (val_states, val_y), options)
     lora_model = None
     if options.mode == "lora":
-        from casa_cli.lora import fit_lora
-        lora_model = fit_lora(backbone, head, examples, options, on_step=tick("lora", len(examples)))
+        lora_model = fit_lora(backbone, head, examples, train_y, options,
+                              on_step=tick("lora", len(examples)))
         # The served model carries the LoRA weights, so its prompt states are what the head
         # reads at inference: fit the head again on them.
         states = prompt_states(backbone, all_samples, cache=False,

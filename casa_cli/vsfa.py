@@ -21,6 +21,7 @@ Two steps, mirroring `casa vsfa build` and `casa vsfa train`:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -37,7 +38,7 @@ from casa_cli.data.assemble import lower_first, upper_first
 from casa_cli.head import SafetyHead
 from casa_cli.inputs import IMAGE_SUFFIXES, InputError, Sample, read_manifest
 from casa_cli.judges import is_refusal
-from casa_cli.lora import LORA_TARGETS, self_answers
+from casa_cli.lora import decoder_targets, self_answers
 
 MODE = "vsfa"
 PASSAGES_FILE = Path(__file__).parent / "data" / "vsfa_passages.json"
@@ -80,28 +81,22 @@ def pick_questions(questions: tuple[Question, ...], index: int, per_item: int | 
 
 
 def read_passages(source: str | Path) -> list[dict]:
-    """Passages as {"id", "text"}: "builtin", a JSONL file with `text` (and optional `id`),
-    or any other file with one passage per line."""
+    """Passages as {"id", "text"}: "builtin", a JSONL manifest with `text` (and optional
+    `id`; any bad line stops the build with its file:line), or any other file with one
+    passage per line."""
     if str(source) == BUILTIN:
         return json.loads(PASSAGES_FILE.read_text(encoding="utf-8"))
     path = Path(source)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     passages = []
-    for number, line in enumerate(lines, start=1):
-        if not line:
-            continue
-        if path.suffix.lower() == ".jsonl":
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{number}: invalid JSON ({err.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise InputError(f"{path}:{number}: expected an object with a string 'text'")
-            passages.append({"id": str(obj.get("id", f"line-{number}")), "text": obj["text"]})
-        else:
-            passages.append({"id": f"line-{number}", "text": line})
+    if path.suffix.lower() == ".jsonl":
+        for sample in read_manifest(path):
+            if sample.error:
+                raise InputError(sample.error)
+            passages.append({"id": sample.id, "text": sample.text})
+    else:
+        lines = [line.strip() for line in read_text(path).splitlines()]
+        passages = [{"id": f"line-{number}", "text": line}
+                    for number, line in enumerate(lines, start=1) if line]
     if not passages:
         raise InputError(f"{path}: no passages")
     return passages
@@ -111,14 +106,12 @@ def read_captions(path: Path) -> dict[str, str]:
     """File name -> caption, from JSONL ({"file"|"image", "caption"}) or a CSV with a header
     naming a file/image column and a caption column."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
+    text = read_text(path)
     if path.suffix.lower() == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        rows = list(csv.DictReader(io.StringIO(text)))
     else:
         rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -132,6 +125,17 @@ def read_captions(path: Path) -> dict[str, str]:
             raise InputError(f"{path}: record {number} needs a file (or image) and a caption")
         captions[name] = caption.strip().rstrip(".")
     return captions
+
+
+def read_text(path: Path) -> str:
+    """A user's text file (a BOM dropped); a missing file or bad UTF-8 is bad input."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not valid UTF-8 (byte 0x{err.object[err.start]:02x} "
+                         f"at offset {err.start})") from None
 
 
 def caption_answer(question: Question, caption: str) -> str:
@@ -214,45 +218,36 @@ class VsfaOptions:
 
 def read_data(path: Path) -> list[tuple[Sample, str]]:
     """(prompt, answer) pairs from a `casa vsfa build` file (any manifest whose lines also
-    carry a string `answer`); any bad line stops training."""
-    path = Path(path)
-    samples = list(read_manifest(path))
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    carry a string `answer`); any bad line stops training with its file:line."""
     pairs = []
-    for sample, line in zip(samples, lines):
-        sample.check()
-        answer = json.loads(line).get("answer")
+    for sample in read_manifest(Path(path)):
+        if sample.error:
+            raise InputError(sample.error)
+        answer = sample.extra.get("answer")
         if not isinstance(answer, str) or not answer.strip():
-            raise InputError(f"{path}: record {sample.id} has no string 'answer'")
+            raise InputError(f"{sample.origin}: no string 'answer'")
         pairs.append((sample, answer))
     if not pairs:
         raise InputError(f"{path}: no training examples")
     return pairs
 
 
-def decoder_targets(model: torch.nn.Module) -> list[str]:
-    """Full names of the text decoder's attention projections: a plain suffix such as
-    "q_proj" would also match a CLIP vision tower's, which VSFA keeps frozen."""
-    inside = {id(m) for m in model.get_decoder().modules()}
-    names = [name for name, module in model.named_modules()
-             if id(module) in inside and name.rsplit(".", 1)[-1] in LORA_TARGETS]
-    if not names:
-        raise InputError(f"no attention projections ({', '.join(LORA_TARGETS)}) in the text decoder")
-    return names
-
-
 def answer_loss(backbone: Backbone, model, sample: Sample, answer: str) -> torch.Tensor:
     """Mean next-token CE of `answer` + end token after the prompt, in one forward pass over
     prompt and answer (media and mrope positions come from the processor's batch as usual)."""
     tokenizer = backbone.tokenizer
-    ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    # The answer is user data, like the prompt: typed control tokens stay text.
+    ids = tokenizer(backbone.plain_text(answer), add_special_tokens=False)["input_ids"] \
+        + [tokenizer.eos_token_id]
     target = torch.tensor([ids], device=backbone.device)
     batch = backbone.encode([sample], reserve=len(ids))
     # The last answer token is only a target; its logits would predict nothing.
     batch["input_ids"] = torch.cat([batch["input_ids"], target[:, :-1]], dim=1)
     batch["attention_mask"] = torch.cat(
         [batch["attention_mask"], batch["attention_mask"].new_ones(1, len(ids) - 1)], dim=1)
-    logits = model(**batch, logits_to_keep=len(ids)).logits
+    # Qwen2-Audio and Qwen2.5-Omni ignore logits_to_keep and return every position: the
+    # slice makes the answer's positions the last len(ids) either way.
+    logits = model(**batch, logits_to_keep=len(ids)).logits[:, -len(ids):]
     return F.cross_entropy(logits[0].float(), target[0])
 
 

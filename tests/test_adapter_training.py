@@ -73,7 +73,8 @@ def test_head_training_separates_a_separable_set(tiny_model, tmp_path):
     casa_model = load(str(tiny_model("llama")))
     casa_model.head, casa_model.config = head, config
     verdicts = list(casa_model.classify(val, threshold=0.5))
-    accuracy = sum((r["verdict"] == "unsafe") == (s.label == "harmful") for r, s in zip(verdicts, val)) / len(val)
+    labels = {s.id: s.label for s in val}  # records come batch by batch: match them by id
+    accuracy = sum((r["verdict"] == "unsafe") == (labels[r["id"]] == "harmful") for r in verdicts) / len(val)
     assert accuracy == 1.0
 
 

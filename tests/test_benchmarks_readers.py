@@ -49,13 +49,13 @@ def test_manifest(tmp_path):
         {"id": "p1", "text": "How do I bake bread?", "label": "benign", "category": "cooking"},
         "",  # blank lines are skipped
         {"text": "What is shown?", "image": "img/a.png", "label": "unsafe"},
-        {"id": "p3", "text": "", "images": ["img/a.png", str(tmp_path / "img" / "a.png")],
+        {"id": "p3", "text": "What is this?", "images": ["img/a.png", str(tmp_path / "img" / "a.png")],
          "audio": "q.wav"},
     ])
     records = list(read_benchmark(path))
     assert detect_format(path) == "manifest"
     assert all(set(r) == KEYS for r in records)
-    assert [r["id"] for r in records] == ["p1", "3", "p3"]  # default id: the line number
+    assert [r["id"] for r in records] == ["p1", "line-3", "p3"]  # default id: as classify's
     assert [r["label"] for r in records] == ["benign", "harmful", None]
     assert records[0]["images"] == [] and records[0]["audio"] is None
     assert records[1]["images"] == [str(tmp_path / "img" / "a.png")]
@@ -67,16 +67,21 @@ def test_manifest(tmp_path):
     ('{"text": "unterminated', "invalid JSON"),
     ('["not", "an", "object"]', "JSON object"),
     ('{"text": "x", "label": "maybe"}', "label"),
-    ('{"text": "x", "image": "missing.png"}', "file not found"),
-    ('{"text": ""}', "needs text"),
+    ('{"text": "x", "image": "missing.png"}', "missing.png: no such file"),
+    ('{"text": ""}', "empty prompt"),
     ('{"text": "x", "image": "a.png", "images": []}', "not both"),
+    ('{"text": "x", "audio": ["a.wav", "b.wav"]}', "at most one audio clip"),
 ])
 def test_manifest_errors_name_file_and_line(tmp_path, bad_line, message):
-    path = _jsonl(tmp_path / "m.jsonl", [{"text": "fine"}, {"text": "fine too"}, bad_line])
-    with _raises_at(path, 3) as err:
-        list(read_benchmark(path))
-    assert message in str(err.value)
-    assert err.value.line == 3 and err.value.path == path
+    """A malformed manifest line is a record carrying its error (evaluation reports it under
+    each defence); the lines around it are read as usual."""
+    for name in ("a.wav", "b.wav"):
+        (tmp_path / name).write_bytes(b"RIFF")
+    path = _jsonl(tmp_path / "m.jsonl", [{"text": "fine"}, bad_line, {"text": "fine too"}])
+    records = list(read_benchmark(path))
+    assert [r["id"] for r in records] == ["line-1", "line-2", "line-3"]
+    assert "error" not in records[0] and "error" not in records[2]
+    assert records[1]["error"].startswith(f"{path}:2: ") and message in records[1]["error"]
 
 
 # ---------------------------------------------------------------------------- MM-SafetyBench

@@ -55,3 +55,13 @@ def test_killed_batch_resumes_without_duplicates(default_cached, tmp_path):
     assert second.returncode == 0, err
     ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
     assert len(ids) == 50 and sorted(ids) == [f"r{i:02d}" for i in range(50)]
+
+
+def test_plain_runs_print_nothing_but_casa_lines_on_stderr(default_cached):
+    """No library noise (deprecation notices, FutureWarnings, progress bars of other
+    libraries): with the trained default adapter these two commands have nothing to say."""
+    for args in (["classify", "hi"], ["generate", "hi", "--max-new-tokens", 4]):
+        proc = casa_process(*args)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        assert out.strip() and err == "", err

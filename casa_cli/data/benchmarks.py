@@ -7,7 +7,9 @@ Every reader yields the same record shape, so evaluation code never branches on 
 
 Media paths are resolved (relative ones against the file that names them) and checked to
 exist while reading, so a broken benchmark fails before any model time is spent. Anything
-malformed raises ``DataFormatError`` whose message starts with ``file:line``.
+malformed raises ``DataFormatError`` whose message starts with ``file:line``, except in a
+manifest: that is read by ``casa_cli.inputs.read_manifest`` like every command's, and a
+malformed line becomes a record carrying ``"error"`` (``file:line: ...``) instead.
 
 Formats:
 - ``manifest``: JSONL, one prompt per line: id, text, image | images, audio, label, category.
@@ -26,6 +28,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+from .. import inputs
 from ..render import FIGSTEP_PROMPT
 
 FORMATS = ("manifest", "mm-safetybench", "jailbreakv", "figstep")
@@ -35,9 +38,6 @@ FORMATS = ("manifest", "mm-safetybench", "jailbreakv", "figstep")
 # image the original question is asked.
 MMSB_QUESTION_FIELD = {"SD": "Rephrased Question(SD)", "TYPO": "Rephrased Question",
                        "SD_TYPO": "Rephrased Question", None: "Question"}
-
-_LABEL_ALIASES = {"harmful": "harmful", "unsafe": "harmful", "1": "harmful", "true": "harmful",
-                  "benign": "benign", "safe": "benign", "0": "benign", "false": "benign"}
 
 
 class DataFormatError(ValueError):
@@ -64,47 +64,22 @@ def _media(base: Path, name, where: tuple[Path, int]) -> Path:
     return path
 
 
-def _label(value, where: tuple[Path, int]) -> str | None:
-    if value is None or value == "":
-        return None
-    label = _LABEL_ALIASES.get(str(value).strip().lower())
-    if label is None:
-        raise DataFormatError(*where, f"label must be harmful/benign (or unsafe/safe, 1/0), "
-                                      f"got {value!r}")
-    return label
-
-
 # ---------------------------------------------------------------------------- manifest
 
 
 def read_manifest(path: str | Path) -> Iterator[dict]:
-    """Records from a JSONL manifest; blank lines are skipped, ids default to the line number."""
-    path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = (path, lineno)
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(*where, f"invalid JSON: {e.msg}") from None
-            if not isinstance(row, dict):
-                raise DataFormatError(*where, "each line must be a JSON object")
-            if "image" in row and "images" in row:
-                raise DataFormatError(*where, "give 'image' or 'images', not both")
-            images = [row["image"]] if "image" in row else row.get("images", [])
-            if not isinstance(images, list):
-                raise DataFormatError(*where, "'images' must be a list of paths")
-            images = [_media(path.parent, p, where) for p in images]
-            audio = _media(path.parent, row["audio"], where) if row.get("audio") else None
-            text = row.get("text", "")
-            if not isinstance(text, str):
-                raise DataFormatError(*where, "'text' must be a string")
-            if not (text.strip() or images or audio):
-                raise DataFormatError(*where, "a prompt needs text, an image or audio")
-            yield _record(row.get("id", lineno), text, images, audio,
-                          _label(row.get("label"), where), row.get("category"), "manifest")
+    """Records from a JSONL manifest, read by the reader every command shares (so ids, label
+    aliases and checks are classify's). A malformed line is a record with its ``"error"``,
+    which evaluation reports for each defence while the other prompts run."""
+    for sample in inputs.read_manifest(Path(path)):
+        record = _record(sample.id, sample.text, sample.images,
+                         sample.audio[0] if sample.audio else None, sample.label,
+                         sample.category, "manifest")
+        error = sample.error or (f"{sample.origin}: a benchmark prompt takes at most one "
+                                 "audio clip" if len(sample.audio) > 1 else None)
+        if error:
+            record["error"] = error
+        yield record
 
 
 # ---------------------------------------------------------------------------- MM-SafetyBench
