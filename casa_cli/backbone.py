@@ -12,8 +12,9 @@ import importlib.util
 import os
 import shutil
 import sys
-import time
+import functools
 import re
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from casa_cli.inputs import MAX_AUDIO_SECONDS, InputError, Sample, load_audio, load_image
+from casa_cli.output import stderr
 from casa_cli.processors import load_processor, read_json_object
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -281,8 +283,8 @@ class Backbone:
                 *sample.messages[:-1], {"role": "user", "content": middle_cut}]))
             excess = self.count_tokens(cut) - budget
             if excess <= 0:
-                print(f"warning: {sample.id}: prompt truncated from {length} to "
-                      f"{budget + excess} tokens (the middle of the text cut)", file=sys.stderr)
+                stderr.print(f"warning: {sample.id}: prompt truncated from {length} to "
+                             f"{budget + excess} tokens (the middle of the text cut)")
                 return cut, True
             drop += excess
         raise InputError(f"{sample.id}: the chat template alone overflows the context")
@@ -394,8 +396,16 @@ def embedded_default_dir() -> Path:
     gguf = embedded_gguf()
     print(f"casa: first use: converting {gguf.name} to a safetensors cache in {target} "
           "(about 20 s, once)", file=sys.stderr)
-    backbone = _load(gguf.parent, gguf.name, "embedded", torch.device("cpu"), torch.float32,
-                     trust_remote_code=False)
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    # transformers draws its own conversion bar, whatever its progress setting: casa's one
+    # line above says what is happening.
+    draw_bar, gguf_utils.tqdm = gguf_utils.tqdm, functools.partial(gguf_utils.tqdm, disable=True)
+    try:
+        backbone = _load(gguf.parent, gguf.name, "embedded", torch.device("cpu"), torch.float32,
+                         trust_remote_code=False)
+    finally:
+        gguf_utils.tqdm = draw_bar
     staging = target.with_name(target.name + f".tmp{os.getpid()}")
     staging.mkdir(parents=True, exist_ok=True)
     # save_pretrained refuses a model that came from GGUF; its weights are plain float32

@@ -29,6 +29,7 @@ app.add_typer(vsfa.app, name="vsfa")
 
 def main() -> None:
     from casa_cli.inputs import InputError
+    from casa_cli.output import OutputError, clean
 
     try:
         code = app(standalone_mode=False)  # a command's typer.Exit comes back as its code
@@ -37,16 +38,26 @@ def main() -> None:
     except typer.Abort:
         print("casa: aborted", file=sys.stderr)
         sys.exit(130)
-    except (typer.BadParameter, InputError) as err:
-        print(f"casa: error: {err}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+    except typer.BadParameter as err:  # names the option: "Invalid value for '--alpha': ..."
+        fail(err.format_message(), EXIT_USAGE)
+    except InputError as err:
+        fail(str(err), EXIT_USAGE)
+    except OutputError as err:
+        fail(str(err), EXIT_RUNTIME if err.runtime else EXIT_USAGE)
+    except typer.TyperException as err:  # typer's other usage errors: usage, then the message
+        err.message = clean(err.message)
+        err.show()
+        sys.exit(err.exit_code)
     except Exception as err:  # the one place that turns any failure into one line
-        import click
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
         if os.environ.get("CASA_DEBUG"):
             raise
-        print(f"casa: error: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
-        sys.exit(EXIT_RUNTIME)
+        fail(f"{type(err).__name__}: {err}".splitlines()[0], EXIT_RUNTIME)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def fail(message: str, code: int) -> None:
+    """One line on stderr, user data in it escaped (`output.stderr`), and exit `code`."""
+    from casa_cli.output import stderr
+
+    stderr.print(f"casa: error: {message}")
+    sys.exit(code)

@@ -178,13 +178,10 @@ def merge_parts(output: Path, order: Sequence, size: int,
     parts = part_files(output)
     merged = merge(order, (read_records(path) for path in [output, *parts]), key)
     staging = output.with_name(output.name + ".merging")
-    writer = RecordWriter(staging)
-    try:
+    with RecordWriter(staging) as writer:
         for record in merged:
             writer.write(record)
-    finally:
-        writer.close()
-    os.replace(staging, output)
+        os.replace(staging, output)  # still locked: the lock moves with the file
     for path in parts:
         path.unlink()
 
@@ -199,13 +196,16 @@ class Shard:
 
     A world of one streams (samples stay lazy, records go straight to --output) unless
     --resume finds part files of a killed distributed run: then it takes the sharded path as
-    a world of one, so they are merged."""
+    a world of one, so they are merged. On the sharded path rank 0 holds --output (locked,
+    emptied unless resuming) from the start to the merge, so a second job cannot write it
+    meanwhile; use the Shard as a context manager, which lets go of it."""
 
     def __init__(self, world: World, samples: Iterable[Sample], total: int | None,
                  output: Path | None, resume: bool,
                  keys: Callable[[Sample], list] = lambda sample: [sample.id],
                  record_key: Callable[[dict], Hashable] = record_id):
         self.world, self.output, self.keys, self.record_key = world, output, keys, record_key
+        self.claim = None
         self.streaming = not world.distributed and not (resume and output and part_files(output))
         if self.streaming:
             skip = self.done([output]) if resume and output else set()
@@ -220,16 +220,24 @@ class Shard:
             return
         everything = list(samples)
         self.order = [k for s in everything for k in keys(s)]
-        if output is not None and world.main and not resume:
-            # Without --resume the output starts empty, as in a single process.
-            for stale in [output, *part_files(output)]:
-                stale.unlink(missing_ok=True)
+        if output is not None and world.main:
+            self.claim = RecordWriter(output, resume=resume)
+            if not resume:  # the output starts empty, as in a single process
+                for stale in part_files(output):
+                    stale.unlink(missing_ok=True)
         skip = self.done([output, *part_files(output)]) if resume and output is not None else set()
         world.barrier()  # every rank has read what is done before any rank writes
         todo = [s for s in everything if not self.finished(s, skip)]
         self.samples = [todo[i] for i in shard([cost(s) for s in todo], world.rank, world.size)]
         self.total = len(self.samples)
         self.path = None if output is None else part_path(output, world.rank, world.size)
+
+    def __enter__(self) -> Shard:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.claim is not None:
+            self.claim.close()
 
     def done(self, paths: list[Path]) -> set:
         """The keys with a finished record in any of `paths` (error records are retried)."""
@@ -238,14 +246,15 @@ class Shard:
     def finished(self, sample: Sample, done: set) -> bool:
         return all(k in done for k in self.keys(sample))
 
-    def progress(self, description: str, per_sample: int = 1):
+    def progress(self, description: str, per_sample: int = 1, records_on_stdout: bool = False):
         """A progress bar on rank 0 only (of its own shard, `per_sample` steps per sample);
-        yields advance(n)."""
+        yields advance(n). See `output.progress_tasks` for `records_on_stdout`."""
         if not self.world.main:
             return nullcontext(lambda n=1: None)
         if self.world.distributed:
             description += f" (rank 0 of {self.world.size})"
-        return progress(None if self.total is None else self.total * per_sample, description)
+        return progress(None if self.total is None else self.total * per_sample, description,
+                        records_on_stdout)
 
     def finish(self, kept: list[dict]) -> list[dict]:
         """Call on every rank once its records are written. Rank 0 merges the part files into

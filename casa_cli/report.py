@@ -15,9 +15,9 @@ from typing import Mapping
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from rich import box
 from rich.console import Console
-from rich.table import Table
+
+from casa_cli import output
 
 # (key, column title, is a rate shown as a percentage). Titles break where a terminal table
 # should wrap them, which keeps it within 80 columns; Markdown joins the lines.
@@ -32,7 +32,7 @@ COLUMNS = (
 HEADER = ["defence"] + [title for _, title, _ in COLUMNS] + ["n\n(h/b)"]
 
 
-def _cell(value, percent: bool) -> str:
+def _metric(value, percent: bool) -> str:
     """A metric for display: "-" when absent or undefined (NaN)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -42,7 +42,7 @@ def _cell(value, percent: bool) -> str:
 
 
 def _rows(metrics: Mapping[str, Mapping]) -> list[list[str]]:
-    return [[defence] + [_cell(m.get(key), pct) for key, _, pct in COLUMNS]
+    return [[defence] + [_metric(m.get(key), pct) for key, _, pct in COLUMNS]
             + [f"{m.get('n_harmful', 0)}/{m.get('n_benign', 0)}"]
             for defence, m in metrics.items()]
 
@@ -55,20 +55,11 @@ def markdown_table(metrics: Mapping[str, Mapping]) -> str:
     return "\n".join(lines)
 
 
-def rich_table(metrics: Mapping[str, Mapping], title: str = "Defences") -> Table:
-    """The comparison as a rich Table for the terminal."""
-    # No vertical rules: with them nine columns overflow an 80-column terminal.
-    table = Table(title=title, box=box.SIMPLE_HEAD)
-    table.add_column(HEADER[0], no_wrap=True, max_width=14)  # long names end in "…"
-    for column in HEADER[1:]:
-        table.add_column(column, justify="right", no_wrap=True)
-    for row in _rows(metrics):
-        table.add_row(*row)
-    return table
-
-
 def print_table(metrics: Mapping[str, Mapping], console: Console | None = None) -> None:
-    (console or Console()).print(rich_table(metrics))
+    """The comparison on the terminal (stdout unless `console`), one row per defence."""
+    rows = [dict(zip(HEADER, row)) for row in _rows(metrics)]
+    # Compact: with vertical rules nine columns overflow an 80-column terminal.
+    output.print_table(rows, HEADER, title="Defences", console=console, compact=True)
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -84,7 +75,7 @@ def plot_roc(metrics: Mapping[str, Mapping], path: str | Path) -> Path:
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance")
     scored = {d: m for d, m in metrics.items() if m.get("roc")}
     for defence, m in scored.items():
-        label = f"{defence} (AUROC {_cell(m.get('auroc'), False)})"
+        label = f"{defence} (AUROC {_metric(m.get('auroc'), False)})"
         ax.plot(m["roc"]["fpr"], m["roc"]["tpr"], label=label)
     if not scored:
         ax.text(0.5, 0.5, "no scored defence", ha="center", va="center")

@@ -217,8 +217,8 @@ def test_bad_input_gives_one_line_errors(tiny_model, casa, tmp_path):
     for args, needle in [
         (["--defense", "magic"], "not one of casa, coca, prompt, vsfa, none"),
         (["--on-unsafe", "shrug"], "not one of generate, refuse"),
-        (["--temperature", "-1"], "temperature"),
-        (["--top-p", "0"], "top_p"),
+        (["--temperature", "-1"], "--temperature"),
+        (["--top-p", "0"], "--top-p"),
         (["--resume"], "--resume needs --output"),
     ]:
         result = casa("generate", "hi", "--model", model, *args)

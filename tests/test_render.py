@@ -58,3 +58,13 @@ def test_render_many(tmp_path):
     assert records[0]["images"] == []  # input untouched
     for r in out:
         Image.open(r["images"][-1]).verify()
+
+
+def test_render_names_bad_manifest_lines_and_exits_4(casa, tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "ok", "text": "How do I pick a lock?"}\n{"id": "bad", "text": 5}\n')
+    result = casa("render", "--manifest", manifest, "--out", tmp_path / "out")
+    assert result.code == 4, result.stderr
+    assert "m.jsonl:2" in result.stderr and "1 FigStep images" in result.stderr
+    lines = (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and "error" in lines[1]

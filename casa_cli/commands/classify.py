@@ -1,6 +1,7 @@
 """`casa classify`: one safety verdict per input, from the prompt's single prefill."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Annotated
 
 import typer
@@ -21,6 +22,7 @@ def command(
     trust_remote_code: c.TrustRemoteCode = False,
     threshold: c.Threshold = None,
     batch_size: c.BatchSize = 8, truncate: c.Truncate = False,
+    max_audio_seconds: c.MaxAudioSeconds = None,
     output: c.Output = None, resume: c.Resume = False, json: c.Json = False,
     fail_on_unsafe: Annotated[bool, typer.Option(help="Exit 3 if any input is judged unsafe.")] = False,
     explain: Annotated[int, typer.Option(
@@ -43,31 +45,29 @@ def command(
     """
     if resume and output is None:
         raise typer.BadParameter("--resume needs --output FILE", param_hint="--resume")
+    c.check_output(output, manifest, folder, *(image or []), *(audio or []))
     from casa_cli import distributed  # imports torch: not at module level, for `casa --help`
 
     samples, total = gather(prompt, image or [], audio or [], manifest, folder, folder_prompt)
-    with distributed.launched(device, device_map) as world:
-        job = distributed.Shard(world, samples, total, output, resume)
-        casa = c.load_casa(model, adapter, world.device(device), dtype, kernel, trust_remote_code,
-                           device_map)
-        writer = RecordWriter(job.path, resume=resume) if job.path else None
-        shown, counts = [], {"safe": 0, "unsafe": 0, "error": 0}
-        try:
-            with job.progress("classify") as advance:
+    with distributed.launched(device, device_map) as world, \
+            distributed.Shard(world, samples, total, output, resume) as job:
+        # Opened (and locked) before the model loads, so a busy --output fails at once.
+        with (RecordWriter(job.path, resume=resume) if job.path else nullcontext()) as writer:
+            casa = c.load_casa(model, adapter, world.device(device), dtype, kernel,
+                               trust_remote_code, device_map, max_audio_seconds)
+            shown, counts = [], {"safe": 0, "unsafe": 0, "error": 0}
+            with job.progress("classify", records_on_stdout=json and not output) as advance:
                 for record in casa.classify(job.samples, batch_size=batch_size, threshold=threshold,
                                             truncate=truncate, explain=explain, on_batch=advance):
                     counts[record.get("verdict", "error")] += 1
                     if "error" in record:
-                        stderr.print(f"error: {record['error']}", markup=False)
+                        stderr.print(f"error: {record['error']}")
                     if writer:
                         writer.write(record)
                     elif json and job.streaming:
                         print_json(record)
                     else:
                         shown.append(record)
-        finally:
-            if writer:
-                writer.close()
         shown = job.finish(shown)  # under torchrun: rank 0 merges, or gathers what to show
         counts = world.sum(counts)  # every rank exits with the same code
     if json:
@@ -78,7 +78,7 @@ def command(
         print_table(shown, [col for col in COLUMNS if any(col in r for r in shown)], title=title)
     if output and world.main:
         stderr.print(f"{sum(counts.values())} records ({counts['unsafe']} unsafe, {counts['safe']} safe, "
-                     f"{counts['error']} failed) -> {output}", markup=False)
+                     f"{counts['error']} failed) -> {output}")
     if fail_on_unsafe and counts["unsafe"]:
         raise typer.Exit(c.EXIT_UNSAFE)
     if counts["error"]:

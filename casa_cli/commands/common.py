@@ -1,15 +1,36 @@
 """Options and helpers every command shares, so each command file only parses and prints."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterable, Optional
 
 import typer
 
-from casa_cli.output import stderr
+from casa_cli.output import check_writable, refuse_overwrite, stderr
 
 # Exit codes (documented in the README and in `casa --help`).
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_UNSAFE, EXIT_PARTIAL = 0, 1, 2, 3, 4
+
+
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
+def _positive(value: float | None) -> float | None:
+    if _finite(value) is not None and value <= 0:
+        raise typer.BadParameter(f"must be more than 0, got {value}")
+    return value
+
+
+def Finite(*param_decls: str, positive: bool = False, **options):
+    """A float option that refuses NaN and infinities, naming the option (exit 2): float()
+    parses "nan" and "inf", and NaN passes every `min`/`max` check, since it compares false.
+    `positive` also refuses 0 and below. Other typer.Option arguments pass through."""
+    return typer.Option(*param_decls, callback=_positive if positive else _finite, **options)
+
 
 Model = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Model directory or .gguf file \\[default: the embedded SmolLM2-135M-Instruct].")]
@@ -36,17 +57,54 @@ Output = Annotated[Optional[Path], typer.Option(
     "--output", "-o", help="Write JSONL records here, flushed one by one.")]
 Resume = Annotated[bool, typer.Option(help="Skip ids already in --output.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Prompts per forward pass (length-sorted).")]
-Threshold = Annotated[Optional[float], typer.Option(
+Threshold = Annotated[Optional[float], Finite(
     min=0.0, max=1.0, help="p_unsafe at or above this is unsafe (casa) \\[default: the adapter's].")]
 Truncate = Annotated[bool, typer.Option(help="Cut over-long text prompts to fit the context (warns).")]
+MaxAudioSeconds = Annotated[Optional[float], Finite(
+    "--max-audio-seconds", positive=True,
+    help="Refuse longer audio clips (an error record) \\[default: the model's audio window, "
+         "30 s for Whisper-style encoders].")]
 
 
-def load_casa(model, adapter, device, dtype, kernel, trust_remote_code, device_map=None):
+def check_output(output: Path | None, *inputs: Path | None) -> None:
+    """Refuse an unusable --output up front (exit 2), before any input is read or any file
+    opened for writing: one of this run's `inputs` (a folder counts its media files, what
+    --folder reads), a folder, or a file another process is writing."""
+    if output is None:
+        return
+    refuse_overwrite([output], _input_files(inputs))
+    check_writable(output)
+
+
+def _input_files(inputs: Iterable[Path | None]) -> list[Path]:
+    from casa_cli.inputs import AUDIO_SUFFIXES, IMAGE_SUFFIXES
+
+    files = []
+    for path in (Path(p) for p in inputs if p is not None):
+        if path.is_dir():
+            files += [p for p in path.rglob("*")
+                      if p.suffix.lower() in IMAGE_SUFFIXES | AUDIO_SUFFIXES and p.is_file()]
+        else:
+            files.append(path)
+    return files
+
+
+def load_casa(model, adapter, device, dtype, kernel, trust_remote_code, device_map=None,
+              max_audio_seconds=None, note=True):
+    """casa_cli.pipeline.load with the commands' options; `note`: say so on stderr when the
+    safety head is untrained (a command whose defence needs no head passes False)."""
     from casa_cli.pipeline import load
 
     casa = load(model, adapter, device=device, dtype=dtype, kernel=kernel,
-                trust_remote_code=trust_remote_code, device_map=device_map)
-    if not casa.trained:
-        stderr.print("note: this safety head is untrained (no trained adapter for this model): "
-                     "verdicts are only the LM's own safe/unsafe log-odds. Train one with `casa train`.")
+                trust_remote_code=trust_remote_code, device_map=device_map,
+                max_audio_seconds=max_audio_seconds)
+    if note and not casa.trained:
+        note_untrained()
     return casa
+
+
+def note_untrained(consequence: str = "verdicts are only the LM's own safe/unsafe log-odds") -> None:
+    """The one note for a model without a trained adapter, ending in what that means for
+    this command."""
+    stderr.print(f"note: no trained adapter for this model, so the safety head is untrained: "
+                 f"{consequence}. Train one with `casa train`.")

@@ -41,6 +41,7 @@ def command(
     model: c.Model = None, adapter: c.Adapter = None, device: c.Device = "auto",
     dtype: c.Dtype = "auto", kernel: c.Kernel = "auto",
     trust_remote_code: c.TrustRemoteCode = False, truncate: c.Truncate = False,
+    max_audio_seconds: c.MaxAudioSeconds = None,
     resume: Annotated[bool, typer.Option(
         help="Keep DIR/records.jsonl and skip the (defence, id) pairs it already answers "
              "(failed ones are retried).")] = False,
@@ -75,11 +76,13 @@ def command(
         raise typer.BadParameter(f"{render!r} is not one of {', '.join(RENDERERS)}", param_hint="--render")
     if format is not None and benchmark is None:
         raise typer.BadParameter("--format goes with --benchmark", param_hint="--format")
-    records = load_records(manifest, benchmark, format, set_names or [], limit)
     records_path = out / "records.jsonl"
+    c.check_output(records_path, manifest, benchmark)
+    records = load_records(manifest, benchmark, format, set_names or [], limit)
 
     with distributed.launched(device) as world:
-        casa = c.load_casa(model, adapter, world.device(device), dtype, kernel, trust_remote_code)
+        casa = c.load_casa(model, adapter, world.device(device), dtype, kernel, trust_remote_code,
+                           max_audio_seconds=max_audio_seconds)
         if render:
             if "image" not in casa.backbone.modalities:
                 raise typer.BadParameter(
@@ -97,18 +100,18 @@ def command(
         # Under torchrun each rank answers its share of the prompts (every defence of a prompt
         # on one rank) into its own part file; rank 0 merges them into records.jsonl.
         by_id = {r["id"]: r for r in records}
-        job = distributed.Shard(world, [to_sample(r) for r in records], len(records), records_path,
-                                resume, keys=lambda sample: [(d, sample.id) for d in names],
-                                record_key=result_key)
-        with job.progress("eval", per_sample=len(names)) as advance:
-            def show(result: dict) -> None:
-                advance(1)
-                if "error" in result:
-                    stderr.print(f"error: {result['defence']}: {result['error']}", markup=False)
+        with distributed.Shard(world, [to_sample(r) for r in records], len(records), records_path,
+                               resume, keys=lambda sample: [(d, sample.id) for d in names],
+                               record_key=result_key) as job:
+            with job.progress("eval", per_sample=len(names)) as advance:
+                def show(result: dict) -> None:
+                    advance(1)
+                    if "error" in result:
+                        stderr.print(f"error: {result['defence']}: {result['error']}")
 
-            evaluate(casa, [by_id[s.id] for s in job.samples], names, job.path,
-                     judge, DecodeOptions(max_new_tokens), threshold, truncate, resume, show)
-        job.finish([])
+                evaluate(casa, [by_id[s.id] for s in job.samples], names, job.path,
+                         judge, DecodeOptions(max_new_tokens), threshold, truncate, resume, show)
+            job.finish([])
         # Metrics come from the merged records, never from averages over ranks.
         results = collect(records_path, records, names) if world.main else []
         failed = world.sum({"failed": sum(1 for r in results if "error" in r)})["failed"]
@@ -122,6 +125,6 @@ def command(
             print_json(metrics)
         else:
             print_table(metrics["defences"])
-        stderr.print(f"{len(results)} results ({failed} failed) -> {paths['markdown']}", markup=False)
+        stderr.print(f"{len(results)} results ({failed} failed) -> {paths['markdown']}")
     if failed:
         raise typer.Exit(c.EXIT_PARTIAL)

@@ -30,12 +30,13 @@ def command(
              "the verdict) \\[default: generate for LoRA adapters, refuse for head-only ones].")] = None,
     threshold: c.Threshold = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to write.")] = 256,
-    temperature: Annotated[float, typer.Option(help="0 decodes greedily; above 0 samples.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --temperature).")] = 1.0,
+    temperature: Annotated[float, c.Finite(min=0.0, help="0 decodes greedily; above 0 samples.")] = 0.0,
+    top_p: Annotated[float, c.Finite(
+        positive=True, max=1.0, help="Nucleus sampling mass, in (0, 1] (with --temperature).")] = 1.0,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
     principle: Annotated[Optional[str], typer.Option(
         help="coca: the safety principle put before the user's turn \\[default: built in].")] = None,
-    alpha: Annotated[float, typer.Option(help="coca: weight of (l_P - l_0).")] = 1.0,
+    alpha: Annotated[float, c.Finite(help="coca: weight of (l_P - l_0).")] = 1.0,
     system_prompt: Annotated[Optional[str], typer.Option(
         help="prompt: the safety system prompt \\[default: the adapter's, else built in].")] = None,
     show_verdict: Annotated[bool, typer.Option(
@@ -43,6 +44,7 @@ def command(
     model: c.Model = None, adapter: c.Adapter = None, device: c.Device = "auto",
     dtype: c.Dtype = "auto", kernel: c.Kernel = "auto",
     trust_remote_code: c.TrustRemoteCode = False, truncate: c.Truncate = False,
+    max_audio_seconds: c.MaxAudioSeconds = None,
     output: c.Output = None, resume: c.Resume = False, json: c.Json = False,
 ) -> None:
     """Answer prompts with a defence; the text streams to the terminal as it is written.
@@ -65,47 +67,40 @@ def command(
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=name)
     if resume and output is None:
         raise typer.BadParameter("--resume needs --output FILE", param_hint="--resume")
+    c.check_output(output, manifest, folder, messages, *(image or []), *(audio or []))
     decode_options = DecodeOptions(max_new_tokens, temperature, top_p, seed)
     if messages is not None:
         samples, total = iter([chat_sample(messages, prompt, image or [], audio or [],
                                            manifest or folder)]), 1
     else:
         samples, total = gather(prompt, image or [], audio or [], manifest, folder, folder_prompt)
-    skip = done_ids(output) if resume and output else set()
-    if skip:
-        samples = (s for s in samples if s.id not in skip)
-        total = None if total is None else max(total - len(skip), 0)
 
-    from casa_cli.pipeline import load
-    casa = load(model, adapter, device=device, dtype=dtype, kernel=kernel,
-                trust_remote_code=trust_remote_code)
-    if defense is None and casa.config.mode == "vsfa":
-        defense = "vsfa"  # its safety is in the merged LoRA weights, not in a head
-    if defense is None:
-        defense = "casa" if casa.trained else "none"
-        if not casa.trained:
-            stderr.print("note: no trained adapter for this model, so no safety layer: --defense "
-                         "none (the plain model). Train one with `casa train`, or pick --defense "
-                         "coca or prompt.", markup=False)
-    elif defense == "casa" and not casa.trained:
-        stderr.print("note: this safety head is untrained: verdicts are only the LM's own "
-                     "safe/unsafe log-odds. Train one with `casa train`.", markup=False)
-    check_defense(casa, defense)  # once, before any record, rather than once per record
+    # Opened (and locked) before --resume reads it and before the model loads.
+    with (RecordWriter(output, resume=resume) if output else nullcontext()) as writer:
+        skip = done_ids(output) if resume and output else set()
+        if skip:
+            samples = (s for s in samples if s.id not in skip)
+            total = None if total is None else max(total - len(skip), 0)
+        casa = c.load_casa(model, adapter, device, dtype, kernel, trust_remote_code,
+                           max_audio_seconds=max_audio_seconds, note=False)
+        defense = pick_defense(casa, defense)
+        check_defense(casa, defense)  # once, before any record, rather than once per record
 
-    # Text streams to a terminal as it is decoded; records (JSON, --output) come whole.
-    stream = total == 1 and not (json or output) and sys.stdout.isatty()
-    options = {"on_unsafe": on_unsafe, "options": decode_options, "threshold": threshold,
-               "principle": principle, "alpha": alpha, "system_prompt": system_prompt,
-               "truncate": truncate, "on_text": write_piece if stream else None}
-    writer = RecordWriter(output, resume=resume) if output else None
-    failed = written = 0
-    try:
-        with (progress(total, "generate") if json or output else nullcontext(lambda n=1: None)) as advance:
+        # Text streams to a terminal as it is decoded; records (JSON, --output) come whole.
+        stream = total == 1 and not (json or output) and sys.stdout.isatty()
+        options = {"on_unsafe": on_unsafe, "options": decode_options, "threshold": threshold,
+                   "principle": principle, "alpha": alpha, "system_prompt": system_prompt,
+                   "truncate": truncate, "on_text": write_piece if stream else None}
+        failed = written = 0
+        # A bar counts whole records (JSON, --output); streamed or printed text needs none.
+        bar = (progress(total, "generate", records_on_stdout=not output) if json or output
+               else nullcontext(lambda n=1: None))
+        with bar as advance:
             for record in casa.generate(samples, defense, **options):
                 advance(1)
                 if "error" in record:
                     failed += 1
-                    stderr.print(f"error: {record['error']}", markup=False)
+                    stderr.print(f"error: {record['error']}")
                 if writer:
                     writer.write(record)
                 elif json:
@@ -113,13 +108,24 @@ def command(
                 elif "error" not in record:
                     show_text(record, total != 1, stream, show_verdict)
                 written += 1
-    finally:
-        if writer:
-            writer.close()
     if writer:
-        stderr.print(f"{written} records ({failed} failed) -> {output}", markup=False)
+        stderr.print(f"{written} records ({failed} failed) -> {output}")
     if failed:
         raise typer.Exit(c.EXIT_PARTIAL)
+
+
+def pick_defense(casa, defense: str | None) -> str:
+    """--defense, or the adapter's default; a note on stderr when the defence would run on
+    an untrained safety head, or falls back to none for want of a trained one."""
+    if defense is None and casa.config.mode == "vsfa":
+        return "vsfa"  # its safety is in the merged LoRA weights, not in a head
+    if defense is None and not casa.trained:
+        c.note_untrained("generating with --defense none, the plain model without a safety "
+                         "layer (--defense coca or prompt need no adapter)")
+        return "none"
+    if defense == "casa" and not casa.trained:
+        c.note_untrained()
+    return defense or "casa"
 
 
 def write_piece(piece: str) -> None:
@@ -134,8 +140,7 @@ def show_text(record: dict, several: bool, streamed: bool, show_verdict: bool) -
     sys.stdout.flush()
     if show_verdict and "verdict" in record:
         refused = " (refusal text)" if record["refused"] else ""
-        stderr.print(f"{record['id']}: {record['verdict']}, p_unsafe {record['p_unsafe']:.4f}{refused}",
-                     markup=False)
+        stderr.print(f"{record['id']}: {record['verdict']}, p_unsafe {record['p_unsafe']:.4f}{refused}")
 
 
 def chat_sample(path: Path, prompt: str | None, images, audio, other_source) -> Sample:

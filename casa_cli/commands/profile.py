@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from casa_cli.commands import common as c
-from casa_cli.output import print_fields, print_json, print_table, progress, stderr
+from casa_cli.output import print_fields, print_json, print_table, progress
 
 COLUMNS = ["prompt", "batch", "defense", "input tokens", "prefill ms", "safety ms",
            "first token ms", "decode tok/s", "x prefill", "x first token", "x per token",
@@ -64,8 +64,7 @@ def command(
     casa, load_ms = profiling.load_timed(model=model, adapter=adapter, device=device, dtype=dtype,
                                          kernel=kernel, trust_remote_code=trust_remote_code)
     if "casa" in grid.defenses and not casa.trained:
-        stderr.print("note: the safety head is untrained; its timings are what a trained one "
-                     "costs.", markup=False)
+        c.note_untrained("its timings are what a trained one costs")
     with progress(grid.runs, "profile") as advance:
         report = profiling.profile(casa, grid, load_ms, trace, on_run=advance)
     if chart is not None:
@@ -113,7 +112,7 @@ def show(report: dict) -> None:
              "safety % of prefill": median(r.get("safety_pct_of_prefill")),
              "guard / casa": median(r.get("guard_vs_casa"))} for r in report["rows"]]
     print_table(rows, COLUMNS, title=f"casa profile: {report['repeats']} repeats, "
-                f"{report['new_tokens']} new tokens; median \\[min-max], ratios are x none")
+                f"{report['new_tokens']} new tokens; median [min-max], ratios are x none")
     inputs = [{"prompt": i["prompt_tokens"], "batch": i["batch"], "input tokens": i["input_tokens"],
                "prepare ms": spread(i["prepare_ms"]),
                "head us (torch)": spread(i["safety_head_us"].get("torch")),

@@ -1,6 +1,8 @@
 """`casa render`: FigStep typographic attack images from text prompts, plus a manifest."""
 from __future__ import annotations
 
+import typer
+
 from casa_cli.commands import common as c
 from casa_cli.commands.eval import Limit, Out, Sets
 from casa_cli.output import print_json, stderr
@@ -18,7 +20,7 @@ def command(prompt: c.Prompt = None, manifest: c.Manifest = None, set_names: Set
       casa render --set harmbench --limit 20 --out figstep-harmbench/
       casa eval --manifest figstep-harmbench/manifest.jsonl --model ./Qwen2-VL-2B-Instruct --out eval/
 
-    Exit codes: 0 done; 1 runtime error; 2 usage error or malformed manifest."""
+    Exit codes: 0 done; 1 runtime error; 2 usage error; 4 some manifest lines could not be read (named on stderr; kept in the output manifest as error records)."""
     from casa_cli.evaluation import figstep_records, load_records, write_manifest
     from casa_cli.inputs import InputError, prompt_sample
 
@@ -38,4 +40,10 @@ def command(prompt: c.Prompt = None, manifest: c.Manifest = None, set_names: Set
         for record in rendered:
             print_json(record)
     images = sum(1 for new, old in zip(rendered, records) if new is not old)
-    stderr.print(f"{images} FigStep images in {out}, manifest -> {path}", markup=False)
+    failed = [record for record in records if "error" in record]
+    for record in failed:
+        stderr.print(f"error: {record['error']}")
+    stderr.print(f"{images} FigStep images in {out}, manifest -> {path}"
+                 + (f" ({len(failed)} lines failed)" if failed else ""))
+    if failed:
+        raise typer.Exit(c.EXIT_PARTIAL)
