@@ -8,8 +8,10 @@ untouched, and tied-embedding models need no special case.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -246,9 +248,18 @@ def merge_lora(model, directory: Path):
         config = PeftConfig.from_pretrained(str(directory))
     read_tensors(weights)  # only checked (finite); peft reads the file again below
     # peft takes adapter_model.safetensors over a .bin whenever it exists (checked above).
-    with loading(directory, "the LoRA adapter"):
+    with loading(directory, "the LoRA adapter"), peft_quietly():
         merged = PeftModel.from_pretrained(model, str(directory), config=config).merge_and_unload()
     return merged.eval()
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """peft asks transformers `is_gradient_checkpointing`, which it has since renamed: a
+    FutureWarning on every LoRA load that the user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
 
 
 def lora_path(directory: Path | None) -> Path | None:

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from casa_cli.adapter import fingerprint
+from casa_cli.adapter import fingerprint, peft_quietly
 from casa_cli.backbone import Backbone, cache_dir
 from casa_cli.head import SafetyHead
 from casa_cli.inputs import InputError, Sample
@@ -30,6 +30,16 @@ REFUSALS = (
     "I'm not able to provide instructions for that.",
     "I must decline: this request could be used to hurt people.",
 )
+
+
+def decoder_lora(model: torch.nn.Module, r: int, alpha: int):
+    """`model` wrapped by peft with trainable LoRA (rank `r`) on the text decoder's attention
+    projections (`decoder_targets`)."""
+    from peft import LoraConfig, get_peft_model
+
+    with peft_quietly():
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
+                                                target_modules=decoder_targets(model)))
 
 
 def decoder_targets(model: torch.nn.Module) -> list[str]:
@@ -95,15 +105,11 @@ def fit_lora(backbone: Backbone, head: SafetyHead, examples: list[Sample], label
              options, on_step: Callable[[int], None] | None = None):
     """One pass of LoRA + token_in training on the continuation loss (`labels`: 1 harmful,
     0 benign, one per example); returns the peft model."""
-    from peft import LoraConfig, get_peft_model
-
     benign = [i for i, y in enumerate(labels) if y == 0]
     # Keyed by position: ids repeat across several --data files (line-1, ...).
     answers = dict(zip(benign, self_answers(backbone, [examples[i] for i in benign],
                                             options.max_response_tokens)))
-    model = get_peft_model(backbone.model, LoraConfig(
-        r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=0.0,
-        target_modules=decoder_targets(backbone.model)))
+    model = decoder_lora(backbone.model, options.lora_r, options.lora_alpha)
     head.token_in.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad] + [head.token_in]
     optimiser = torch.optim.AdamW(trainable, lr=options.lora_lr)

@@ -38,7 +38,7 @@ from casa_cli.data.assemble import lower_first, upper_first
 from casa_cli.head import SafetyHead
 from casa_cli.inputs import IMAGE_SUFFIXES, InputError, Sample, read_manifest
 from casa_cli.judges import is_refusal
-from casa_cli.lora import decoder_targets, self_answers
+from casa_cli.lora import decoder_lora, self_answers
 
 MODE = "vsfa"
 PASSAGES_FILE = Path(__file__).parent / "data" / "vsfa_passages.json"
@@ -255,13 +255,9 @@ def train(backbone: Backbone, examples: list[tuple[Sample, str]], options: VsfaO
           on_step: Callable[[int], None] | None = None) -> tuple[AdapterConfig, SafetyHead, object]:
     """LoRA on the decoder's attention, `epochs` shuffled passes one example per step; returns
     the adapter's config (mode "vsfa"), its untrained head and the peft model to save."""
-    from peft import LoraConfig, get_peft_model
-
     torch.manual_seed(options.seed)
     config, head = init_adapter(backbone, seed=options.seed)
-    model = get_peft_model(backbone.model, LoraConfig(
-        r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=0.0,
-        target_modules=decoder_targets(backbone.model)))
+    model = decoder_lora(backbone.model, options.lora_r, options.lora_alpha)
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.lr)
     generator = random.Random(options.seed)
     losses = []

@@ -36,7 +36,7 @@ Model = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Model directory or .gguf file \\[default: the embedded SmolLM2-135M-Instruct].")]
 Adapter = Annotated[Optional[Path], typer.Option(
     "--adapter", "-a", help="CASA adapter directory \\[default: the shipped one for the default model].")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DeviceMap = Annotated[Optional[str], typer.Option(
     help="auto: spread a model too large for one GPU over all visible GPUs (accelerate); "
          "the safety head runs where the last layer lands. Overrides --device.")]

@@ -85,7 +85,7 @@ def train(
     data: Annotated[Path, typer.Option("--data", "-d", help="Dataset from `casa vsfa build`.")],
     out: Annotated[Path, typer.Option("--out", help="Adapter directory to write.")],
     epochs: Annotated[int, typer.Option(min=1)] = 2,
-    lr: Annotated[float, c.Finite(help="LoRA learning rate.")] = 2e-4,
+    lr: Annotated[float, c.Finite(positive=True, help="LoRA learning rate.")] = 2e-4,
     lora_r: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 8,
     lora_alpha: Annotated[int, typer.Option(min=1, help="LoRA scaling numerator.")] = 16,
     seed: int = 0,
