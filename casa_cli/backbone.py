@@ -83,6 +83,9 @@ class Prefill:
     mask: torch.Tensor  # (B, T) bool, True on real prompt tokens
     logits: torch.Tensor  # (B, V) next-token logits at the last position
     cache: object | None = None  # the KV cache, when asked for (transformers' `cache`)
+    # With `prefill(layers=[...])` (training): decoder layer (1-based) -> its (B, T, d)
+    # output through the final norm, all from this one pass; None otherwise.
+    layers: dict[int, torch.Tensor] | None = None
 
 
 @dataclass
@@ -294,31 +297,50 @@ class Backbone:
 
     # --- running ---------------------------------------------------------------------
     @torch.no_grad()  # not inference_mode: training reuses H as a (detached) input
-    def prefill(self, batch, use_cache: bool = False, capture: bool = True) -> Prefill:
+    def prefill(self, batch, use_cache: bool = False, capture: bool = True,
+                layers: list[int] | None = None) -> Prefill:
         """One forward pass over the prompt: logits for the last position only, and (with
         `capture`) `H` at all positions from a hook: the final norm's output, or with
         `head_layer` set, that decoder layer's output put through the final norm (so every
         layer reaches the head on the scale the last one does). Without `capture`, H is
-        None and no hook runs: the plain model's prefill."""
+        None and no hook runs: the plain model's prefill. `layers` (1-based decoder layers,
+        for training's layer sweep) also fills `Prefill.layers` with each of those layers'
+        states, the same way, from hooks in this same pass."""
+        wanted = sorted(set(layers or ()))
+        for layer in wanted:
+            if not 1 <= layer <= self.num_layers:
+                raise InputError(f"layer {layer} is out of range: this model has layers 1 to "
+                                 f"{self.num_layers}")
         captured = {"H": None}
         norm = self.final_norm()
-        if not capture:
-            hook = None
-        elif self.head_layer is None:
-            hook = norm.register_forward_hook(
-                lambda module, args, output: captured.__setitem__("H", output))
-        else:
+        hooks = []
+        if capture and self.head_layer is None:
+            hooks.append(norm.register_forward_hook(
+                lambda module, args, output: captured.__setitem__("H", output)))
+        elif capture:
             def keep(module, args, output):
                 states = output[0] if isinstance(output, tuple) else output
                 captured["H"] = norm(states.to(self.device))
-            hook = self.decoder_layers()[self.head_layer - 1].register_forward_hook(keep)
+            hooks.append(self.decoder_layers()[self.head_layer - 1].register_forward_hook(keep))
         try:
+            for layer in wanted:
+                if layer == self.num_layers:  # the final norm's own output, as at inference
+                    hooks.append(norm.register_forward_hook(
+                        lambda module, args, output, key=layer: captured.__setitem__(key, output)))
+                    continue
+
+                def keep_layer(module, args, output, key=layer):
+                    states = output[0] if isinstance(output, tuple) else output
+                    captured[key] = norm(states.to(self.device))
+                hooks.append(self.decoder_layers()[layer - 1].register_forward_hook(keep_layer))
             out = self.model(**batch, use_cache=use_cache, logits_to_keep=1)
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
         return Prefill(H=captured["H"], mask=batch["attention_mask"].bool(),
-                       logits=out.logits[:, -1], cache=out.get("cache"))
+                       logits=out.logits[:, -1], cache=out.get("cache"),
+                       layers={layer: captured[layer] for layer in wanted} if layers is not None
+                       else None)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -58,7 +58,11 @@ class TrainOptions:
     lora_alpha: int = 16
     lora_lr: float = 2e-4
     max_response_tokens: int = 48
-    layer: int | None = None  # decoder layer the head reads; None = the last (DESIGN §2)
+    # Decoder layer the head reads (1-based, through the final norm): "auto" fits the head
+    # at each of `layers` (default: `candidate_layers`) and keeps the best on validation;
+    # None = the last (DESIGN §2).
+    layer: int | str | None = "auto"
+    layers: list[int] | None = None
 
 
 def label_of(sample: Sample) -> int:
@@ -88,33 +92,76 @@ def read_examples(paths: list[Path]) -> list[Sample]:
 
 
 # --- hidden states, computed once ------------------------------------------------------
+def states_folder(backbone: Backbone, layer: int | None, model_key: str | None = None) -> Path:
+    """Where the states of decoder layer `layer` (None or the last: the final norm's output)
+    are cached: one folder per base model (`model_key`: its `fingerprint`, computed when not
+    given) and layer, one file per prompt."""
+    suffix = "" if layer is None or layer == backbone.num_layers else f"-layer{layer}"
+    return cache_dir() / "states" / ((model_key or fingerprint(backbone)) + suffix)
+
+
 def prompt_states(backbone: Backbone, samples: list[Sample], batch_size: int = 16,
                   on_batch: Callable[[int], None] | None = None,
                   cache: bool = True) -> list[torch.Tensor]:
-    """Each prompt's final hidden states (T_i, d) in float16, cached on disk one file per
-    base model and prompt, so any subset or superset of a set reuses what was computed
-    (`cache=False` for a backbone carrying trained LoRA weights)."""
+    """Each prompt's hidden states (T_i, d) in float16 at the layer the head reads
+    (`backbone.head_layer`), cached on disk one file per base model, layer and prompt, so
+    any subset or superset of a set reuses what was computed (`cache=False` for a backbone
+    carrying trained LoRA weights)."""
+    layer = backbone.head_layer or backbone.num_layers
+    return layer_states(backbone, samples, [layer], batch_size, on_batch, cache)[layer]
+
+
+def layer_states(backbone: Backbone, samples: list[Sample], layers: list[int],
+                 batch_size: int = 16, on_batch: Callable[[int], None] | None = None,
+                 cache: bool = True, keep: bool = True) -> dict[int, list[torch.Tensor]]:
+    """Each prompt's states at each of `layers` (1-based; the last is the final norm's
+    output), {layer: [(T_i, d) float16]}. What the cache lacks comes from ONE prefill per
+    prompt that misses any of the layers, hooks on all of them at once. `keep=False` (with
+    the cache) only makes sure every state is on disk and returns nothing: a sweep over
+    many layers then loads one layer at a time instead of holding them all in memory."""
     from safetensors.torch import load_file, save_file
 
-    layer = "" if backbone.head_layer is None else f"-layer{backbone.head_layer}"
-    folder = cache_dir() / "states" / (fingerprint(backbone) + layer)
-    paths = [folder / f"{sample_key(s)}.safetensors" for s in samples]
-    states = [load_file(str(p))["H"] if cache and p.is_file() else None for p in paths]
-    missing = [i for i, s in enumerate(states) if s is None]
+    if not cache and not keep:
+        raise ValueError("keep=False needs the cache")
+    layers = sorted(set(layers))
+    model_key = fingerprint(backbone)
+    folders = {layer: states_folder(backbone, layer, model_key) for layer in layers}
+    keys = [sample_key(s) for s in samples]
+    paths = {layer: [folders[layer] / f"{key}.safetensors" for key in keys] for layer in layers}
+    have = {layer: [cache and p.is_file() for p in paths[layer]] for layer in layers}
+    states = {layer: [load_file(str(p))["H"] if keep and found else None
+                      for p, found in zip(paths[layer], have[layer])] for layer in layers}
+    missing = [i for i in range(len(samples)) if not all(have[layer][i] for layer in layers)]
     if on_batch and len(missing) < len(samples):
         on_batch(len(samples) - len(missing))
     missing.sort(key=lambda i: len(samples[i].text))  # similar lengths batch with less padding
     for start in range(0, len(missing), batch_size):
         chunk = missing[start:start + batch_size]
-        prefill = backbone.prefill(backbone.encode([samples[i] for i in chunk]))
-        for row, index in enumerate(chunk):
-            states[index] = prefill.H[row][prefill.mask[row]].to("cpu", torch.float16).clone()
+        wanted = [layer for layer in layers if not all(have[layer][i] for i in chunk)]
+        prefill = backbone.prefill(backbone.encode([samples[i] for i in chunk]), capture=False,
+                                   layers=wanted)
+        for layer in wanted:
             if cache:
-                folder.mkdir(parents=True, exist_ok=True)
-                save_file({"H": states[index]}, str(paths[index]))
+                folders[layer].mkdir(parents=True, exist_ok=True)
+            for row, index in enumerate(chunk):
+                if have[layer][index]:
+                    continue
+                H = prefill.layers[layer][row][prefill.mask[row]].to("cpu", torch.float16).clone()
+                if cache:
+                    save_file({"H": H}, str(paths[layer][index]))
+                if keep:
+                    states[layer][index] = H
+        del prefill
         if on_batch:
             on_batch(len(chunk))
-    return states
+    return states if keep else {}
+
+
+def candidate_layers(num_layers: int) -> list[int]:
+    """The layers `--layer auto` tries: the last, and every ceil(L/10)-th layer below it
+    down to a quarter of the depth (8 at most; for 30 layers: 9, 12, ..., 27, 30)."""
+    step = math.ceil(num_layers / 10)
+    return sorted(layer for layer in range(num_layers, 0, -step) if 4 * layer >= num_layers)
 
 
 def sample_key(sample: Sample) -> str:
@@ -253,13 +300,17 @@ def train(backbone: Backbone, examples: list[Sample], options: TrainOptions,
           val_examples: list[Sample] | None = None, heldout: dict[str, list[Sample]] | None = None,
           progress: Callable[[str, int], Callable[[int], None]] | None = None
           ) -> tuple[AdapterConfig, SafetyHead, object | None]:
-    """Train an adapter; returns its config (with held-out metrics), head and LoRA model."""
+    """Train an adapter; returns its config (with held-out metrics), head and LoRA model.
+    With `layer="auto"` the head is first fitted at each candidate layer and the layer of
+    the best validation score is kept (`sweep_layers`); everything after that (threshold,
+    LoRA, held-out metrics) runs at that layer only."""
     if options.mode not in MODES:
         raise InputError(f"unknown mode {options.mode!r}; expected one of {', '.join(MODES)}")
     torch.manual_seed(options.seed)
-    backbone.read_layer(options.layer)
+    candidates = sweep_candidates(backbone, options)
+    if candidates is None:
+        backbone.read_layer(options.layer)
     config, head = init_adapter(backbone, heads=options.heads, gate=options.gate, seed=options.seed)
-    config.layer = options.layer
     require_both_labels([label_of(s) for s in examples], "the training data")
     tick = progress or (lambda name, total: (lambda n=1: None))
     validation = "the validation set (--val)"
@@ -273,10 +324,20 @@ def train(backbone: Backbone, examples: list[Sample], options: TrainOptions,
     train_y, val_y = [label_of(s) for s in examples], [label_of(s) for s in val_examples]
     require_both_labels(val_y, validation)
     all_samples = examples + val_examples
-    states = prompt_states(backbone, all_samples, on_batch=tick("hidden states", len(all_samples)))
-    train_states, val_states = states[: len(examples)], states[len(examples):]
-    head = head.float()
-    history = fit_head(head, (train_states, train_y), (val_states, val_y), options)
+    sweep = None
+    if candidates is None:
+        config.layer = options.layer
+        states = prompt_states(backbone, all_samples,
+                               on_batch=tick("hidden states", len(all_samples)))
+        train_states, val_states = states[: len(examples)], states[len(examples):]
+        head = head.float()
+        history = fit_head(head, (train_states, train_y), (val_states, val_y), options)
+    else:
+        sweep, head, history = sweep_layers(backbone, candidates, examples, val_examples,
+                                            options, tick)
+        config.layer = backbone.head_layer or backbone.num_layers
+        states = prompt_states(backbone, all_samples)  # the chosen layer's, from the cache
+        train_states, val_states = states[: len(examples)], states[len(examples):]
     lora_model = None
     if options.mode == "lora":
         lora_model = fit_lora(backbone, head, examples, train_y, options,
@@ -295,6 +356,9 @@ def train(backbone: Backbone, examples: list[Sample], options: TrainOptions,
         "options": asdict(options), "examples": summarise(examples), "validation": summarise(val_examples),
         "epochs_run": len(history), "final": history[-1] if history else None,
     }
+    if sweep is not None:
+        config.training["layer_sweep"] = sweep
+        config.training["layer_chosen_by"] = LAYER_CHOICE
     config.metrics = {"validation": evaluate(head, val_states, val_y, config.threshold)}
     for name, samples in (heldout or {}).items():
         held_states = prompt_states(backbone, samples, cache=options.mode == "head",
@@ -302,6 +366,68 @@ def train(backbone: Backbone, examples: list[Sample], options: TrainOptions,
         config.metrics[name] = evaluate(head, held_states, [label_of(s) for s in samples],
                                         config.threshold)
     return config, head, lora_model
+
+
+LAYER_CHOICE = ("the best validation AUROC (to 4 decimals), then the lower validation loss, "
+                "then the deeper layer")
+
+
+def sweep_candidates(backbone: Backbone, options: TrainOptions) -> list[int] | None:
+    """The layers `options` asks to sweep (checked against the model), or None when one
+    layer is forced (`layer` a number, or None for the last)."""
+    if options.layer != "auto":
+        if options.layers:
+            raise InputError("--layers lists the candidates of --layer auto; "
+                             f"it cannot go with --layer {options.layer or 'last'}")
+        if isinstance(options.layer, str):
+            raise InputError(f"unknown layer {options.layer!r}: use auto, last or a number")
+        return None
+    candidates = sorted(set(options.layers or candidate_layers(backbone.num_layers)))
+    for layer in candidates:
+        if not 1 <= layer <= backbone.num_layers:
+            raise InputError(f"layer {layer} is out of range: this model has layers 1 to "
+                             f"{backbone.num_layers}")
+    return candidates
+
+
+def sweep_layers(backbone: Backbone, candidates: list[int], examples: list[Sample],
+                 val_examples: list[Sample], options: TrainOptions,
+                 tick: Callable[[str, int], Callable[[int], None]]
+                 ) -> tuple[list[dict], SafetyHead, list[dict]]:
+    """Fit a fresh head (same options, same seed) at each candidate layer and keep the best
+    on the validation set (`LAYER_CHOICE`; held-out sets are never looked at). Every
+    prompt's states at all candidates come from one prefill (`layer_states`) and are read
+    back one layer at a time. Leaves the backbone reading the chosen layer; returns the
+    sweep's rows, the chosen layer's head and its history."""
+    all_samples = examples + val_examples
+    train_y, val_y = [label_of(s) for s in examples], [label_of(s) for s in val_examples]
+    layer_states(backbone, all_samples, candidates, keep=False,
+                 on_batch=tick("hidden states", len(all_samples)))
+    step = tick("layer sweep", len(candidates))
+    rows, best = [], None
+    for layer in candidates:
+        backbone.read_layer(layer)
+        states = prompt_states(backbone, all_samples)
+        torch.manual_seed(options.seed)
+        _, head = init_adapter(backbone, heads=options.heads, gate=options.gate,
+                               seed=options.seed)
+        head = head.float()
+        history = fit_head(head, (states[: len(examples)], train_y),
+                           (states[len(examples):], val_y), options)
+        metrics = evaluate(head, states[len(examples):], val_y)
+        rows.append({"layer": layer, "val_auroc": metrics["auroc"], "val_loss": metrics["loss"],
+                     "val_tpr_at_1pct_fpr": metrics["tpr_at_1pct_fpr"],
+                     "val_tpr_at_5pct_fpr": metrics["tpr_at_5pct_fpr"],
+                     "epochs_run": len(history), "chosen": False})
+        key = (round(metrics["auroc"], 4), -metrics["loss"], layer)
+        if best is None or key > best[0]:
+            best = (key, len(rows) - 1, head, history)
+        del states
+        step(1)
+    _, index, head, history = best
+    rows[index]["chosen"] = True
+    backbone.read_layer(rows[index]["layer"])
+    return rows, head, history
 
 
 def summarise(samples: list[Sample]) -> dict:

@@ -72,6 +72,7 @@ def test_head_training_separates_a_separable_set(tiny_model, tmp_path):
     assert history["final"]["train_loss"] < 0.1
     casa_model = load(str(tiny_model("llama")))
     casa_model.head, casa_model.config = head, config
+    casa_model.backbone.read_layer(config.layer)  # the layer --layer auto chose
     verdicts = list(casa_model.classify(val, threshold=0.5))
     labels = {s.id: s.label for s in val}  # records come batch by batch: match them by id
     accuracy = sum((r["verdict"] == "unsafe") == (labels[r["id"]] == "harmful") for r in verdicts) / len(val)
