@@ -270,7 +270,8 @@ def _casa_written(path: Path = HARMFUL_FILE) -> list[dict]:
 
     j = 0
     for kind, by_category in data["actions"].items():
-        slot = "{a}" if kind == "howto" else "{o}"
+        # {a} takes a verb phrase (how-to kinds), {o} an object; a kind may name its slot
+        slot = data["framings"][kind].get("slot", "{a}" if kind == "howto" else "{o}")
         questions, commands = data["framings"][kind]["question"], data["framings"][kind]["command"]
         for sub, items in by_category.items():
             for item in items:
