@@ -18,7 +18,7 @@ import os
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 from casa_cli.data.benchmarks import read_benchmark
 from casa_cli.data.prompt_sets import SETS, MissingPackageError, load_set

@@ -4,6 +4,7 @@ the file, so a bad record fails alone and the rest of a batch goes on."""
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import sys
 import warnings
@@ -50,6 +51,13 @@ class Sample:
     def text(self) -> str:
         users = [m["content"] for m in self.messages if m["role"] == "user"]
         return users[-1] if users else ""
+
+    @property
+    def key(self) -> str:
+        """A hash of what the model reads: the messages and the media paths (the same
+        question about two images is two prompts). On-disk caches name files by it."""
+        content = [self.messages, [str(p) for p in self.images + self.audio]]
+        return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:24]
 
     @property
     def modalities(self) -> set[str]:

@@ -5,7 +5,6 @@ row and the target answer are then fed as embeddings on top of that KV cache, th
 steps that decoding takes (prefill, append the verdict token, continue)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from typing import Callable
@@ -59,7 +58,7 @@ def self_answers(backbone: Backbone, samples: list[Sample], max_new_tokens: int)
     known = {}
     if path.is_file():
         known = {r["key"]: r["answer"] for r in map(json.loads, path.read_text().splitlines())}
-    keys = [answer_key(s) for s in samples]
+    keys = [s.key for s in samples]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as cache:
         for sample, key in zip(samples, keys):
@@ -72,14 +71,6 @@ def self_answers(backbone: Backbone, samples: list[Sample], max_new_tokens: int)
                                                        skip_special_tokens=True).strip()
                 cache.write(json.dumps({"key": key, "answer": known[key]}) + "\n")
     return [known[k] for k in keys]
-
-
-def answer_key(sample: Sample) -> str:
-    """The cache key of a prompt's answer: its messages, and its media paths when it has any
-    (the same question about two images has two answers; text prompts keep their old keys)."""
-    media = [str(p) for p in sample.images + sample.audio]
-    content = [sample.messages, media] if media else sample.messages
-    return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
 
 
 def continuation_loss(backbone: Backbone, model, head: SafetyHead, sample: Sample, label: int,

@@ -16,8 +16,6 @@ Ablation variants of the head: "full", "token" (the token rows only, z = 0), "at
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -126,7 +124,7 @@ def layer_states(backbone: Backbone, samples: list[Sample], layers: list[int],
     layers = sorted(set(layers))
     model_key = fingerprint(backbone)
     folders = {layer: states_folder(backbone, layer, model_key) for layer in layers}
-    keys = [sample_key(s) for s in samples]
+    keys = [s.key for s in samples]
     paths = {layer: [folders[layer] / f"{key}.safetensors" for key in keys] for layer in layers}
     have = {layer: [cache and p.is_file() for p in paths[layer]] for layer in layers}
     states = {layer: [load_file(str(p))["H"] if keep and found else None
@@ -162,11 +160,6 @@ def candidate_layers(num_layers: int) -> list[int]:
     down to a quarter of the depth (8 at most; for 30 layers: 9, 12, ..., 27, 30)."""
     step = math.ceil(num_layers / 10)
     return sorted(layer for layer in range(num_layers, 0, -step) if 4 * layer >= num_layers)
-
-
-def sample_key(sample: Sample) -> str:
-    content = [sample.messages, [str(p) for p in sample.images + sample.audio]]
-    return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:24]
 
 
 def pad_states(states: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:

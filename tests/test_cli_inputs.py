@@ -2,7 +2,6 @@
 an error record while the rest completes (exit code 4)."""
 import json
 
-import numpy as np
 from PIL import Image
 
 from test_cli_families import make_audio, make_image

@@ -3,7 +3,6 @@ loading path, and runs a forward whose final-norm states project onto the logits
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -48,9 +47,8 @@ def built(tmp_path_factory):
     def get(family):
         if family not in cache:
             out = tmp_path_factory.mktemp(family)
-            t0 = time.perf_counter()
             tm.build_tiny_model(family, out)
-            cache[family] = (out, time.perf_counter() - t0)
+            cache[family] = out
         return cache[family]
 
     return get
@@ -58,8 +56,7 @@ def built(tmp_path_factory):
 
 @pytest.mark.parametrize("family", tm.FAMILIES)
 def test_build_reload_forward(family, built):
-    path, seconds = built(family)
-    assert seconds < 10, f"building {family} took {seconds:.1f}s"
+    path = built(family)
     assert (path / "model.safetensors").is_file()
     assert (path / "config.json").is_file()
 
@@ -97,7 +94,7 @@ def test_build_reload_forward(family, built):
 
 @pytest.mark.parametrize("family", tm.FAMILIES)
 def test_text_only_left_padded_batch(family, built):
-    path, _ = built(family)
+    path = built(family)
     proc = tm.load_processor(path)
     model = tm.load_tiny_model(family, path)
     tok = getattr(proc, "tokenizer", proc)
@@ -127,7 +124,7 @@ def test_text_only_left_padded_batch(family, built):
 
 def test_context_overflow_possible(built):
     """A few hundred words exceed the tiny models' context."""
-    path, _ = built("llama")
+    path = built("llama")
     tok = tm.load_processor(path)
     ids = tok(" ".join(["the quick brown fox jumps over the lazy dog"] * 60))["input_ids"]
     assert len(ids) > tm.MAX_POSITIONS
