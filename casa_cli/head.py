@@ -11,54 +11,16 @@ import this reference to check and time it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from casa_cli.inputs import InputError
+from casa_cli.kernels.head_math import (  # noqa: F401 (re-exported: the library's names)
+    GATES, HeadOutput, check_mask, gated_logits, last_valid_index)
 
-GATES = ("log", "multiply")
 BACKENDS = ("auto", "triton", "torch")
 SAFETY_TOKENS = ("<|safe|>", "<|unsafe|>")
-
-
-@dataclass
-class HeadOutput:
-    z: torch.Tensor  # (B,) attention score; v_s = sigmoid(z)
-    l_safe: torch.Tensor  # (B,) the <|safe|> logit at h_last, before gating
-    l_unsafe: torch.Tensor  # (B,) the <|unsafe|> logit at h_last, before gating
-    p_unsafe: torch.Tensor  # (B,) gated probability of <|unsafe|>
-    weights: torch.Tensor | None = None  # (B, T, K) attention weights, when asked for
-
-    @property
-    def lm_log_odds(self) -> torch.Tensor:
-        """The LM's own safety log-odds, log p(unsafe)/p(safe) without the attention."""
-        return self.l_unsafe - self.l_safe
-
-
-def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last valid position of each row: works for left and right padding."""
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return torch.where(mask, positions, -1).amax(dim=1)
-
-
-def check_mask(mask: torch.Tensor) -> None:
-    empty = ~mask.any(dim=1)
-    if bool(empty.any()):
-        rows = empty.nonzero().flatten().tolist()
-        raise ValueError(f"safety attention: row(s) {rows} have no valid token (all padding)")
-
-
-def gated_logits(l_safe, l_unsafe, z, gate: str) -> torch.Tensor:
-    """The two safety-step logits after gating, stacked as (..., 2) = (safe, unsafe)."""
-    if gate == "log":
-        return torch.stack([l_safe + F.logsigmoid(-z), l_unsafe + F.logsigmoid(z)], dim=-1)
-    if gate == "multiply":
-        v = torch.sigmoid(z)
-        return torch.stack([(1 - v) * l_safe, v * l_unsafe], dim=-1)
-    raise ValueError(f"unknown gate {gate!r}; expected one of {GATES}")
 
 
 def safety_attention_reference(H, mask, Q, V, b, return_weights: bool = False):

@@ -4,6 +4,13 @@
 `casa_cli.head.SafetyHead`); `safety_attention` gives the attention score z alone and also
 takes packed sequences. Gradients flow to Q, V, b and token_out; H is detached (DESIGN §2:
 the head never moves the prompt states).
+
+No call here synchronises with the device (no .item(), .tolist() or bool() of a tensor), so
+the calls can be captured in a CUDA graph: everything the host needs (grid, tile sizes) comes
+from shapes, or from `max_seqlen` for packed input. The data is checked on the device instead:
+a row with no valid token, or a packed row with malformed offsets, comes back as NaN (see
+safety_attention_triton.py). Set CASA_KERNEL_DEBUG=1 to check on the host as well (this
+synchronises) and raise ValueError for such input.
 """
 from __future__ import annotations
 
@@ -16,7 +23,8 @@ from typing import NamedTuple
 import torch
 import triton
 
-from casa_cli.head import GATES, HeadOutput, check_mask, gated_logits, last_valid_index
+from casa_cli.kernels.head_math import (
+    GATES, HeadOutput, check_mask, gated_logits, last_valid_index)
 from casa_cli.kernels.safety_attention_triton import (
     GATE_LOG, GATE_MULTIPLY, GATE_NONE, safety_bwd_kernel, safety_combine_kernel,
     safety_fwd_kernel)
@@ -98,43 +106,66 @@ class _Forward(NamedTuple):
     max_len: int
 
 
+def _debug_checks() -> bool:
+    """Host-side checks of the data (synchronising): only with CASA_KERNEL_DEBUG=1."""
+    return os.environ.get("CASA_KERNEL_DEBUG", "") not in ("", "0")
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
+    """The debug path's check of packed offsets (synchronises)."""
+    first, shortest, last = torch.stack([cu_seqlens[0], (cu_seqlens[1:] - cu_seqlens[:-1]).min(),
+                                         cu_seqlens[-1]]).tolist()
+    if first != 0 or shortest <= 0 or last > total:
+        raise ValueError("safety attention: cu_seqlens must start at 0, increase strictly "
+                         f"(no empty sequence) and end within H's {total} tokens")
+
+
 class _Layout(NamedTuple):
     rows: int
-    max_len: int  # T of the padded layout, the longest sequence of the packed one
+    max_len: int  # T of the padded layout; max_seqlen (or an upper bound) of the packed one
+    T: int  # the kernels' T: tokens per row (padded) or total tokens of H (packed)
     slots: int  # rows * T, or total_T: the length of the per-token buffers
     stride_hb: int
     stride_ht: int
 
 
 def _layout(H: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-            d: int) -> _Layout:
+            d: int, max_seqlen: int | None) -> _Layout:
+    """Shapes, strides and the planning length, from metadata only (no host sync)."""
     if cu_seqlens is not None:
         if mask is not None:
             raise ValueError("pass either mask (padded layout) or cu_seqlens (packed), not both")
         if H.dim() != 2 or H.shape[1] != d:
             raise ValueError(f"packed H must be (total_T, {d}), got {tuple(H.shape)}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.device != H.device:
-            raise ValueError("cu_seqlens must be a 1-D tensor of B + 1 offsets on H's device")
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        shortest, longest, total = torch.stack(
-            [lengths.min(), lengths.max(), cu_seqlens[-1]]).tolist()  # one host sync
-        if shortest <= 0 or total > H.shape[0] or int(cu_seqlens[0]) != 0:
-            raise ValueError("safety attention: cu_seqlens must start at 0, increase strictly "
-                             f"(no empty sequence) and end within H's {H.shape[0]} tokens")
-        return _Layout(lengths.numel(), longest, H.shape[0], 0, H.stride(0))
+        if (cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.device != H.device
+                or cu_seqlens.dtype not in (torch.int32, torch.int64)):
+            raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor of B + 1 offsets on "
+                             "H's device")
+        if max_seqlen is not None and (isinstance(max_seqlen, bool)
+                                       or not isinstance(max_seqlen, int) or max_seqlen < 1):
+            raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
+        if _debug_checks():
+            _check_cu_seqlens(cu_seqlens, H.shape[0])
+        total = H.shape[0]
+        # max_seqlen only sizes the grid: the kernels never drop tokens past it.
+        longest = min(max_seqlen, total) if max_seqlen is not None else total
+        return _Layout(cu_seqlens.numel() - 1, longest, total, total, 0, H.stride(0))
+    if max_seqlen is not None:
+        raise ValueError("max_seqlen is for packed input (cu_seqlens)")
     if H.dim() != 3 or H.shape[2] != d:
         raise ValueError(f"H must be (B, T, {d}), got {tuple(H.shape)}")
     if mask is not None:
         if mask.shape != H.shape[:2] or mask.dtype != torch.bool or mask.device != H.device:
             raise ValueError(f"mask must be a bool tensor of shape {tuple(H.shape[:2])} "
                              "on H's device")
-        check_mask(mask)
+        if _debug_checks():
+            check_mask(mask)
     B, T, _ = H.shape
-    return _Layout(B, T, B * T, H.stride(0), H.stride(1))
+    return _Layout(B, T, T, B * T, H.stride(0), H.stride(1))
 
 
 def _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights: bool,
-             keep_for_backward: bool, tuning: Tuning) -> _Forward:
+             keep_for_backward: bool, tuning: Tuning, max_seqlen: int | None = None) -> _Forward:
     """Validate, plan and launch the forward kernels (one launch, or two when T is split)."""
     if H.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("the Triton safety kernel needs CUDA tensors; use the reference "
@@ -151,8 +182,8 @@ def _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights: bool
         raise ValueError(f"token_out must be (2, {d}), got {tuple(token_out.shape)}")
     if H.stride(-1) != 1:
         H = H.contiguous()
-    lay = _layout(H, mask, cu_seqlens, d)
-    plan = plan_launch(lay.rows, lay.max_len, d, H.dtype, H.device, tuning)
+    lay = _layout(H, mask, cu_seqlens, d, max_seqlen)
+    plan = plan_launch(lay.rows, max(lay.max_len, 1), d, H.dtype, H.device, tuning)
     dev, f32 = H.device, torch.float32
     Q, V = Q.contiguous(), V.contiguous()
     z = _empty(lay.rows, device=dev, dtype=f32)
@@ -182,18 +213,18 @@ def _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights: bool
     safety_fwd_kernel[(lay.rows, plan.splits)](
         H, lay.stride_hb, lay.stride_ht, mask_u8, mask_u8.stride(0) if mask is not None else 0,
         cu, Q, V, b, tok, *sv, pm, pl, pa, plast, *outs,
-        lay.max_len, d, plan.chunk, math.log2(math.e) / math.sqrt(d),
+        lay.T, d, plan.chunk, math.log2(math.e) / math.sqrt(d),
         HAS_MASK=mask is not None, STORE_SV=store_sv, SINGLE=single, **flags,
         num_warps=plan.num_warps, num_stages=plan.num_stages)
     if not single:
         safety_combine_kernel[(lay.rows,)](
             H, lay.stride_hb, lay.stride_ht, cu, b, tok, sv[0], pm, pl, pa, plast, *outs,
-            lay.max_len, d, plan.splits, BLOCK_S=triton.next_power_of_2(plan.splits), **flags,
+            lay.T, d, plan.splits, BLOCK_S=triton.next_power_of_2(plan.splits), **flags,
             num_warps=4)
     if weights is not None and cu_seqlens is None:
         weights = weights.view(lay.rows, lay.max_len, K)
     return _Forward(z, l_safe, l_unsafe, p_unsafe, weights, scores, values, lse, r, plan,
-                    lay.max_len)
+                    max(lay.max_len, 1))
 
 
 def _backward_qv(H, cu_seqlens, fwd_plan: LaunchPlan, max_len: int, tuning: Tuning, scores,
@@ -215,7 +246,7 @@ def _backward_qv(H, cu_seqlens, fwd_plan: LaunchPlan, max_len: int, tuning: Tuni
         H, 0 if packed else H.stride(0), H.stride(-2),
         cu_seqlens if packed else lse,  # lse stands in for the offsets the padded variant ignores
         scores, values, lse, r, dz.float().contiguous(), slabs,
-        0 if packed else H.shape[1], d, chunk, 1.0 / math.sqrt(d),
+        H.shape[0] if packed else H.shape[1], d, chunk, 1.0 / math.sqrt(d),
         K=K, BLOCK_K=BLOCK_K, BLOCK_T=fwd_plan.block_t, BLOCK_D=fwd_plan.block_d,
         PACKED=packed, num_warps=4, num_stages=2)
     dq, dv = slabs.sum(0).unbind(0)
@@ -226,9 +257,10 @@ class SafetyAttentionFunction(torch.autograd.Function):
     """Forward: the fused kernels; backward: grads of Q, V, b and token_out (none for H)."""
 
     @staticmethod
-    def forward(ctx, H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights, tuning):
+    def forward(ctx, H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights, tuning,
+                max_seqlen=None):
         fwd = _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights,
-                       keep_for_backward=True, tuning=tuning)
+                       keep_for_backward=True, tuning=tuning, max_seqlen=max_seqlen)
         ctx.save_for_backward(H, mask, cu_seqlens, b, token_out, fwd.scores, fwd.values,
                               fwd.lse, fwd.r, fwd.z, fwd.l_safe, fwd.l_unsafe)
         ctx.gate, ctx.tuning, ctx.plan, ctx.max_len = gate, tuning, fwd.plan, fwd.max_len
@@ -252,8 +284,12 @@ class SafetyAttentionFunction(torch.autograd.Function):
                     leaves = [t.detach().requires_grad_() for t in (z, l_safe, l_unsafe)]
                     p = torch.softmax(gated_logits(leaves[1], leaves[2], leaves[0], ctx.gate),
                                       dim=-1)[..., 1]
-                    gz, gs, gu = torch.autograd.grad(p, leaves, dp_unsafe)
+                    grads = torch.autograd.grad(p, leaves, dp_unsafe)
+                # A row the loss does not use adds exactly 0, even an empty (NaN) row.
+                gz, gs, gu = (torch.where(dp_unsafe == 0, 0.0, g) for g in grads)
                 dz, dl_safe, dl_unsafe = dz + gz, dl_safe + gs, dl_unsafe + gu
+        # An empty row (NaN z) adds nothing unless the loss uses it: then its gradient is NaN.
+        dz = torch.where(torch.isnan(z) & (dz != 0), float("nan"), dz)
         need_q, need_v, need_b, need_tok = ctx.needs_input_grad[3:7]
         dq = dv = db = dtok = None
         if need_q or need_v:
@@ -265,36 +301,51 @@ class SafetyAttentionFunction(torch.autograd.Function):
         if need_tok:
             last = (last_valid_index(mask) if mask is not None
                     else torch.full((H.shape[0],), H.shape[1] - 1, device=H.device))
-            h_last = H[torch.arange(H.shape[0], device=H.device), last].float()
-            dtok = (torch.stack([dl_safe, dl_unsafe]) @ h_last).to(token_out.dtype)
-        return None, None, None, dq, dv, db, dtok, None, None, None
+            empty = last < 0
+            h_last = H[torch.arange(H.shape[0], device=H.device), last.clamp(min=0)].float()
+            h_last = h_last.masked_fill(empty[:, None], 0.0)
+            dl = torch.stack([dl_safe, dl_unsafe])
+            dl = torch.where(empty & (dl != 0), float("nan"), dl)
+            dtok = (dl @ h_last).to(token_out.dtype)
+        return None, None, None, dq, dv, db, dtok, None, None, None, None
 
 
-def _run(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights, tuning):
+def _run(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights, tuning,
+         max_seqlen=None):
     H = H.detach()
     params = (Q, V, b) if token_out is None else (Q, V, b, token_out)
     if torch.is_grad_enabled() and any(t.requires_grad for t in params):
         return SafetyAttentionFunction.apply(H, mask, cu_seqlens, Q, V, b, token_out, gate,
-                                             return_weights, tuning)
+                                             return_weights, tuning, max_seqlen)
     # Inference skips autograd and does not store per-token scores unless weights are asked.
     fwd = _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights,
-                   keep_for_backward=False, tuning=tuning)
+                   keep_for_backward=False, tuning=tuning, max_seqlen=max_seqlen)
     return fwd.z, fwd.l_safe, fwd.l_unsafe, fwd.p_unsafe, fwd.weights
 
 
 def safety_attention(H, Q, V, b, mask=None, cu_seqlens=None, return_weights: bool = False, *,
-                     block_t: int | None = None, block_d: int | None = None,
-                     splits: int | None = None):
+                     max_seqlen: int | None = None, block_t: int | None = None,
+                     block_d: int | None = None, splits: int | None = None):
     """z (B,) = the CASA attention score of each sequence, in float32.
 
     Layouts: H (B, T, d) with an optional bool mask (B, T), True where valid (left or right
     padding; mask=None means every token is valid), or packed H (total_T, d) with cu_seqlens
-    (B + 1,) offsets. With return_weights, also the attention weights, (B, T, K) or
-    (total_T, K), float32. block_t, block_d and splits override the launch plan (tuning and
+    (B + 1,) int32/int64 offsets. With return_weights, also the attention weights, (B, T, K)
+    or (total_T, K), float32. block_t, block_d and splits override the launch plan (tuning and
     tests).
+
+    Nothing synchronises with the host. Packed: max_seqlen (a host int, the longest row, as in
+    flash-attention's varlen API) sizes the grid; without it the grid is planned for total_T,
+    correct but with idle programs when rows are short; one too small is slower, never wrong.
+    Assumed of cu_seqlens, and checked on the device: cu_seqlens[0] == 0, strictly increasing,
+    cu_seqlens[-1] <= total_T. A row with no valid token (all-padding mask row) or with
+    offsets that break this (any malformed cu_seqlens makes at least one) gets z = NaN and
+    NaN weights, and reads nothing; tokens outside [cu_seqlens[0], cu_seqlens[-1]) are
+    ignored and their weight slots are not written. Check the output with torch.isnan, or
+    run with CASA_KERNEL_DEBUG=1 to raise ValueError on the host instead (synchronises).
     """
     z, *_, weights = _run(H, mask, cu_seqlens, Q, V, b, None, None, return_weights,
-                          Tuning(block_t, block_d, splits))
+                          Tuning(block_t, block_d, splits), max_seqlen)
     return (z, weights) if return_weights else z
 
 
@@ -302,7 +353,12 @@ def safety_head(H, mask, Q, V, b, token_out, gate: str = "log", return_weights: 
                 *, block_t: int | None = None, block_d: int | None = None,
                 splits: int | None = None) -> HeadOutput:
     """Drop-in for casa_cli.head.safety_head_reference, fused: one read of H gives z, the
-    safety-token logits at the last valid position and the gated p_unsafe."""
+    safety-token logits at the last valid position and the gated p_unsafe.
+
+    Unlike the reference it never synchronises with the host, so it does not raise for a row
+    of mask with no valid token: that row's z, logits, p_unsafe and weights are NaN (other
+    rows are unaffected), which casa_cli.head.verdict reports as an error. CASA_KERNEL_DEBUG=1
+    restores the reference's ValueError (synchronises)."""
     if gate not in GATES:
         raise ValueError(f"unknown gate {gate!r}; expected one of {GATES}")
     return HeadOutput(*_run(H, mask, None, Q, V, b, token_out, gate, return_weights,

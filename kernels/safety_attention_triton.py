@@ -18,6 +18,11 @@ is multiplied by log2(e)) so the kernels can use exp2. The dot products run on t
 backward coefficients) is split into two 16-bit halves, hi + lo, so it keeps about 16 bits of
 mantissa; float32 H uses tf32x3, the same idea done by the compiler.
 
+No host synchronisation: nothing about the data is checked on the host. A row with no valid
+token (all padding, or a packed row whose offsets are malformed) is finished with NaN in z,
+the safety-token logits, p_unsafe and its weights, and never reads out of bounds; the caller
+sees the NaN after the fact (casa_cli.head.verdict turns it into an error, never a verdict).
+
 The Python launchers and the autograd wrapper live in safety_attention_function.py.
 """
 from __future__ import annotations
@@ -52,11 +57,19 @@ def _row_span(row, CU, T, PACKED: tl.constexpr):
     """(first token of the row in H, number of token slots, first slot in per-token buffers).
 
     Padded layout: H is (B, T, d), every row has T slots and the mask says which are valid.
-    Packed layout: H is (total_T, d) and row i is tokens cu_seqlens[i]:cu_seqlens[i+1].
+    Packed layout: H is (T, d) -- T is the total token count here -- and row i is tokens
+    cu_seqlens[i]:cu_seqlens[i+1]. The offsets are checked on the device, never on the host:
+    a row is well formed when cu_seqlens[0] == 0 and 0 <= start < end <= T; any other row gets
+    length 0 (it reads nothing and is finished as NaN). Offsets that are not increasing always
+    leave at least one such row (some end <= start).
     """
     if PACKED:
-        tok0 = tl.load(CU + row).to(tl.int64)
-        length = (tl.load(CU + row + 1) - tok0).to(tl.int32)
+        first = tl.load(CU)
+        start = tl.load(CU + row)
+        end = tl.load(CU + row + 1)
+        ok = (first == 0) & (start >= 0) & (end > start) & (end <= T)
+        tok0 = tl.where(ok, start, 0).to(tl.int64)
+        length = tl.where(ok, end - start, 0).to(tl.int32)
         slot0 = tok0
     else:
         tok0 = 0
@@ -126,29 +139,39 @@ def _finish_row(row, m, l, a, last, Bias, H_row, stride_ht, TOK, S_row, W_row, l
                 Z, R, LSE, LS, LU, P, K: tl.constexpr, BLOCK_K: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, GATE: tl.constexpr,
                 WRITE_WEIGHTS: tl.constexpr):
-    """From a row's merged softmax state: z, the saved statistics, and the fused epilogue."""
+    """From a row's merged softmax state: z, the saved statistics, and the fused epilogue.
+
+    A row without a valid token (last = -1) is finished as NaN (z, logits, p_unsafe, weights)
+    with neutral statistics (r = lse = 0: it adds nothing to the backward unless its output
+    gradient is nonzero, which the launcher turns into NaN); h_last is then not read at all.
+    """
     offs_k = tl.arange(0, BLOCK_K)
+    empty = last < 0
     k_ok = offs_k < K
-    # Padding heads (k >= K) may have seen nothing: keep their statistics finite.
-    r = tl.where(k_ok, a / tl.where(k_ok, l, 1.0), 0.0)
+    # Padding heads (k >= K) and empty rows may have seen nothing: keep the statistics finite.
+    keep = k_ok & (last >= 0)
+    r = tl.where(keep, a / tl.where(keep, l, 1.0), 0.0)
     z = tl.sum(r, axis=0) + tl.load(Bias).to(tl.float32)
-    lse = tl.where(k_ok, m + tl.log2(tl.where(k_ok, l, 1.0)), 0.0)
+    z = tl.where(empty, float("nan"), z)
+    lse = tl.where(keep, m + tl.log2(tl.where(keep, l, 1.0)), 0.0)
     tl.store(Z + row, z)
     tl.store(R + row * K + offs_k, r, mask=k_ok)
     tl.store(LSE + row * K + offs_k, lse, mask=k_ok)
     if GATE != 0:
         # The two safety-token logits: lm_head rows of <|safe|> and <|unsafe|> at h_last.
-        h_last = H_row + last.to(tl.int64) * stride_ht
+        # Clamped, and not loaded at all for an empty row (h_end = 0): never out of bounds.
+        h_last = H_row + tl.maximum(last, 0).to(tl.int64) * stride_ht
+        h_end = tl.where(empty, 0, d)
         acc_safe = tl.zeros([BLOCK_D], tl.float32)
         acc_unsafe = tl.zeros([BLOCK_D], tl.float32)
         for d0 in range(0, d, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_ok = offs_d < d
-            h = tl.load(h_last + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+            h = tl.load(h_last + offs_d, mask=offs_d < h_end, other=0.0).to(tl.float32)
             acc_safe += h * tl.load(TOK + offs_d, mask=d_ok, other=0.0).to(tl.float32)
             acc_unsafe += h * tl.load(TOK + d + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        l_safe = tl.sum(acc_safe, axis=0)
-        l_unsafe = tl.sum(acc_unsafe, axis=0)
+        l_safe = tl.where(empty, float("nan"), tl.sum(acc_safe, axis=0))
+        l_unsafe = tl.where(empty, float("nan"), tl.sum(acc_unsafe, axis=0))
         # p_unsafe = softmax(l_safe', l_unsafe')[1] = sigmoid(l_unsafe' - l_safe').
         if GATE == 1:  # log gate: the two log-sigmoids differ by exactly z
             x = l_unsafe - l_safe + z
@@ -165,7 +188,8 @@ def _finish_row(row, m, l, a, last, Bias, H_row, stride_ht, TOK, S_row, W_row, l
             ok = (offs_t < length)[:, None] & k_ok[None, :]
             off = offs_t[:, None] * K + offs_k[None, :]
             s = tl.load(S_row + off, mask=ok, other=float("-inf"))
-            tl.store(W_row + off, tl.exp2(s - lse[None, :]), mask=ok)
+            tl.store(W_row + off, tl.where(empty, float("nan"), tl.exp2(s - lse[None, :])),
+                     mask=ok)
 
 
 @triton.jit
@@ -176,7 +200,12 @@ def safety_fwd_kernel(H, stride_hb, stride_ht, MASK, stride_mb, CU, Q, V, Bias, 
                       BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
                       STORE_SV: tl.constexpr, SINGLE: tl.constexpr, GATE: tl.constexpr,
                       WRITE_WEIGHTS: tl.constexpr):
-    """Grid (rows, splits): program (row, split) streams tokens [split*chunk, +chunk) of row."""
+    """Grid (rows, splits): program (row, split) streams tokens [split*chunk, +chunk) of row.
+
+    T: tokens per row (padded), or the total tokens of H (packed). Packed, the last split also
+    takes any tokens past splits * chunk, so a max_seqlen below the true longest row costs
+    time, never correctness.
+    """
     row = tl.program_id(0)
     split = tl.program_id(1)
     tok0, length, slot0 = _row_span(row, CU, T, PACKED)
@@ -184,6 +213,8 @@ def safety_fwd_kernel(H, stride_hb, stride_ht, MASK, stride_mb, CU, Q, V, Bias, 
     S_row = S + slot0 * K
     t_begin = split * chunk
     t_end = tl.minimum(t_begin + chunk, length)
+    if PACKED:
+        t_end = tl.where(split == tl.num_programs(1) - 1, length, t_end)
     m, l, a, last = _attend_chunk(H_row, stride_ht, MASK + row.to(tl.int64) * stride_mb, Q, V,
                                   S_row, VAL + slot0 * K, d, t_begin, t_end, qk_scale,
                                   K, BLOCK_K, BLOCK_T, BLOCK_D, HAS_MASK, STORE_SV)
@@ -236,6 +267,7 @@ def safety_bwd_kernel(H, stride_hb, stride_ht, CU, S, VAL, LSE, R, G, DW, T, d, 
     """Grid (d blocks, rows, splits): the share of dQ and dV from one chunk of one row, for
     one block of d. Chunk (row, split) owns slab row * splits + split of DW (rows * splits, 2,
     K, d), filled by its d blocks; the launcher sums the slabs (deterministic, no atomics).
+    T as in safety_fwd_kernel: tokens per row (padded) or total tokens of H (packed).
     """
     pid_d = tl.program_id(0)
     row = tl.program_id(1)
@@ -252,6 +284,8 @@ def safety_bwd_kernel(H, stride_hb, stride_ht, CU, S, VAL, LSE, R, G, DW, T, d, 
     g = tl.load(G + row)
     t_begin = split * chunk
     t_end = tl.minimum(t_begin + chunk, length)
+    if PACKED:  # as in the forward: the last split takes the rest of a long row
+        t_end = tl.where(split == tl.num_programs(2) - 1, length, t_end)
     dq = tl.zeros([BLOCK_D, BLOCK_K], tl.float32)
     dv = tl.zeros([BLOCK_D, BLOCK_K], tl.float32)
     for t0 in range(t_begin, t_end, BLOCK_T):
@@ -269,6 +303,11 @@ def safety_bwd_kernel(H, stride_hb, stride_ht, CU, S, VAL, LSE, R, G, DW, T, d, 
         h_t = tl.trans(h)
         dq = _dot_keep_fp32(h_t, coef_q, dq)
         dv = _dot_keep_fp32(h_t, coef_v, dv)
+    # A NaN output gradient (the launcher's mark of an empty row that the loss used) poisons
+    # the slab even where the row has no token to read.
+    poison = tl.where(g == g, 0.0, g)
+    dq += poison
+    dv += poison
     slab = row * tl.num_programs(2) + split
     out = DW + slab.to(tl.int64) * 2 * K * d + offs_k[None, :] * d + offs_d[:, None]
     ok = d_ok[:, None] & k_ok[None, :]

@@ -14,6 +14,7 @@ value they read, shows up as a NaN in some output.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -213,15 +214,177 @@ def test_packed_gradients():
         assert_close(leaves[k].grad, ref[k].grad, GRAD_TOL[BF16])
 
 
-def test_all_padding_row_raises():
+def _rows(out, keep):
+    return {f: getattr(out, f)[keep] for f in ("z", "l_safe", "l_unsafe", "p_unsafe", "weights")}
+
+
+@pytest.fixture
+def sentinel_buffers(monkeypatch):
+    """Buffers filled with 777 instead of NaN, so that a NaN output proves a write."""
+    def empty(*shape, dtype, device):
+        fill = 777 if dtype.is_floating_point else torch.iinfo(dtype).min
+        return torch.full(shape, fill, dtype=dtype, device=device)
+
+    monkeypatch.setattr(launcher, "_empty", empty)
+
+
+@pytest.mark.parametrize("tuning", [{}, dict(block_t=16, splits=3)], ids=["single", "split"])
+def test_all_padding_row_is_nan_padded(tuning, sentinel_buffers):
+    """No host check: an all-padding row comes back NaN (z, logits, p_unsafe, weights), never
+    read out of bounds; every other row is exact. Gradients: a loss that leaves the row out
+    gets the reference's gradients of the other rows; one that uses it gets NaN."""
+    H, mask, p = make_inputs(3, 40, 64, 4, FP32, [40, 0, 13], left=True, seed=2)
+    keep = torch.tensor([True, False, True], device=H.device)
+    out = safety_head(H, mask, p["Q"], p["V"], p["b"], p["token_out"], "multiply",
+                      return_weights=True, **tuning)
+    for field, value in _rows(out, ~keep).items():
+        assert torch.isnan(value).all(), field
+    ref = reference(H[keep], mask[keep], p, "multiply", return_weights=True)
+    for field, value in _rows(out, keep).items():
+        assert_close(value, getattr(ref, field), TOL[FP32])
+    z = safety_attention(H, p["Q"], p["V"], p["b"], mask=mask, **tuning)
+    assert torch.isnan(z[1]) and not torch.isnan(z[keep]).any()
+
+    c = _loss_weights(3, H.device)
+    leaves = {k: v.clone().requires_grad_() for k, v in p.items()}
+    out = safety_head(H, mask, leaves["Q"], leaves["V"], leaves["b"], leaves["token_out"],
+                      "multiply", **tuning)
+    terms = c[0] * out.z + c[1] * out.l_safe + c[2] * out.l_unsafe + c[3] * out.p_unsafe
+    torch.where(keep, terms, 0.0).sum().backward(retain_graph=True)
+    ref_leaves = {k: v.double().requires_grad_() for k, v in p.items()}
+    H64 = H.double().masked_fill(~mask[..., None], 0.0)[keep]
+    r = safety_head_reference(H64, mask[keep], ref_leaves["Q"], ref_leaves["V"],
+                              ref_leaves["b"], ref_leaves["token_out"], "multiply")
+    (c[0, keep] * r.z + c[1, keep] * r.l_safe + c[2, keep] * r.l_unsafe
+     + c[3, keep] * r.p_unsafe).sum().backward()
+    for k in p:
+        assert_close(leaves[k].grad, ref_leaves[k].grad, GRAD_TOL[FP32])
+        leaves[k].grad = None
+    terms.sum().backward()  # the empty row's NaN reaches every gradient
+    for k in p:
+        assert torch.isnan(leaves[k].grad).any(), k
+
+
+@pytest.mark.parametrize("tuning", [{}, dict(block_t=16, splits=4)], ids=["single", "split"])
+def test_malformed_packed_rows_are_nan(tuning, sentinel_buffers):
+    """cu_seqlens is checked on the device: an empty row, or one that ends past H, is NaN and
+    reads nothing; the other rows are exact. A max_seqlen below the longest row is slower,
+    never wrong; an offset list not starting at 0 makes every row NaN."""
+    H, mask, p = make_inputs(4, 60, 64, 4, BF16, [60, 7, 33, 60], seed=6)
+    packed, cu = pack(H, mask)  # rows of 60, 7, 33, 60 tokens
+    ref = reference(H, mask, p, "log", return_weights=True)
+    full = cu.clone()
+    cu = cu.clone()
+    cu[2] = cu[1]  # row 1 empty (row 2 takes 40 tokens: its own 33 and 7 of row 1's)
+    cu[4] = packed.shape[0] + 5  # row 3 ends past H
+    z, w = safety_attention(packed, p["Q"], p["V"], p["b"], cu_seqlens=cu,
+                            return_weights=True, **tuning)
+    assert torch.isnan(z[[1, 3]]).all()
+    assert_close(z[0], ref.z[0], TOL[BF16])
+    assert_close(w[:60], ref.weights[0, :60], TOL[BF16])
+    H2 = H.clone()
+    H2[2, :40] = packed[60:100]  # what row 2 spans now
+    mask2 = mask.clone()
+    mask2[2, :40] = True
+    ref2 = reference(H2[2:3], mask2[2:3], p, "log", return_weights=True)
+    assert_close(z[2:3], ref2.z, TOL[BF16])
+    assert_close(w[60:100], ref2.weights[0, :40], TOL[BF16])
+
+    z = safety_attention(packed, p["Q"], p["V"], p["b"], cu_seqlens=full, max_seqlen=8,
+                         **tuning)  # too small a max_seqlen: still every token
+    assert_close(z, ref.z, TOL[BF16])
+    shifted = full.clone()
+    shifted[0] = 1
+    z = safety_attention(packed, p["Q"], p["V"], p["b"], cu_seqlens=shifted, **tuning)
+    assert torch.isnan(z).all()
+
+    leaves = {k: p[k].clone().requires_grad_() for k in ("Q", "V", "b")}
+    c = _loss_weights(4, H.device)[0]
+    z = safety_attention(packed, leaves["Q"], leaves["V"], leaves["b"], cu_seqlens=cu,
+                         max_seqlen=60, **tuning)
+    ok = ~torch.isnan(z)
+    torch.where(ok, c * z, 0.0).sum().backward(retain_graph=True)
+    ref_leaves = {k: p[k].double().requires_grad_() for k in ("Q", "V", "b")}
+    Hr = torch.cat([H[:1], H2[2:3]]).double().masked_fill(
+        ~torch.cat([mask[:1], mask2[2:3]])[..., None], 0.0)
+    zr = safety_attention_reference(Hr, torch.cat([mask[:1], mask2[2:3]]), ref_leaves["Q"],
+                                    ref_leaves["V"], ref_leaves["b"])
+    (c[[0, 2]] * zr).sum().backward()
+    for k in leaves:
+        assert_close(leaves[k].grad, ref_leaves[k].grad, GRAD_TOL[BF16])
+        leaves[k].grad = None
+    (c * z).sum().backward()
+    for k in leaves:
+        assert torch.isnan(leaves[k].grad).any(), k
+
+
+def test_debug_checks_raise(monkeypatch):
+    """CASA_KERNEL_DEBUG=1: the host checks (synchronising) raise the reference's errors."""
+    monkeypatch.setenv("CASA_KERNEL_DEBUG", "1")
     H, mask, p = make_inputs(3, 8, 64, 4, FP32, [8, 0, 3], seed=2)
     with pytest.raises(ValueError, match=r"row\(s\) \[1\] have no valid token"):
         safety_head(H, mask, p["Q"], p["V"], p["b"], p["token_out"])
     with pytest.raises(ValueError, match="no valid token"):
         safety_attention(H, p["Q"], p["V"], p["b"], mask=mask)
-    cu = torch.tensor([0, 8, 8, 11], dtype=torch.int32, device=H.device)
-    with pytest.raises(ValueError, match="no empty sequence"):
-        safety_attention(H[0], p["Q"], p["V"], p["b"], cu_seqlens=cu)
+    for offsets in ([0, 8, 8, 11], [1, 3, 8], [0, 3, 9]):
+        cu = torch.tensor(offsets, dtype=torch.int32, device=H.device)
+        with pytest.raises(ValueError, match="no empty sequence"):
+            safety_attention(H[0], p["Q"], p["V"], p["b"], cu_seqlens=cu)
+
+
+@contextlib.contextmanager
+def no_host_sync(monkeypatch):
+    """Tensor.item / tolist / __bool__ / __int__ / __float__ / __index__ raise inside: any host
+    sync (or data-dependent host branch) fails. The interpreter, which plays the device, runs
+    under the same patches."""
+    def refuse(name):
+        def method(*args, **kwargs):
+            raise AssertionError(f"host sync: Tensor.{name} called")
+        return method
+
+    with monkeypatch.context() as patches:
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+            patches.setattr(torch.Tensor, name, refuse(name))
+        yield
+
+
+def test_public_calls_do_no_host_sync(monkeypatch):
+    """The public kernel calls, forward and backward, padded and packed, single launch and
+    split + combine, with and without weights, never synchronise with the host (so they can be
+    captured in a CUDA graph), even with an all-padding row in the batch."""
+    monkeypatch.delenv("CASA_KERNEL_DEBUG", raising=False)
+    H, mask, p = make_inputs(3, 40, 64, 4, FP16, [40, 0, 13], left=True, seed=8)
+    packed, cu = pack(H, mask)  # row 1 is empty here too
+    leaves = {k: v.clone().requires_grad_() for k, v in p.items()}
+    zs = []
+    with no_host_sync(monkeypatch):
+        for tuning in ({}, dict(block_t=16, splits=3)):
+            for weights in (False, True):
+                out = safety_head(H, mask, p["Q"], p["V"], p["b"], p["token_out"], "multiply",
+                                  return_weights=weights, **tuning)
+                zs.append(out.z)
+                zs.append(safety_attention(H, p["Q"], p["V"], p["b"], mask=mask,
+                                           return_weights=weights, **tuning))
+                for max_seqlen in (None, 40):
+                    zs.append(safety_attention(packed, p["Q"], p["V"], p["b"], cu_seqlens=cu,
+                                               return_weights=weights, max_seqlen=max_seqlen,
+                                               **tuning))
+                out = safety_head(H, mask, leaves["Q"], leaves["V"], leaves["b"],
+                                  leaves["token_out"], return_weights=weights, **tuning)
+                loss = out.z + out.l_safe + out.l_unsafe + out.p_unsafe
+                torch.where(torch.isnan(out.z), 0.0, loss).sum().backward()
+                z = safety_attention(packed, leaves["Q"], leaves["V"], leaves["b"],
+                                     cu_seqlens=cu, return_weights=weights, **tuning)
+                z = z[0] if weights else z
+                torch.where(torch.isnan(z), 0.0, z).sum().backward()
+    zs = torch.stack([z[0] if isinstance(z, tuple) else z for z in zs])
+    assert zs.shape == (16, 3)
+    assert torch.isnan(zs[:, 1]).all() and torch.isfinite(zs[:, [0, 2]]).all()
+    ref = reference(H[[0, 2]], mask[[0, 2]], p, "multiply")
+    for z in zs:
+        assert_close(z[[0, 2]], ref.z, TOL[FP16])
+    for k in p:
+        assert torch.isfinite(leaves[k].grad).all(), k
 
 
 def test_float64_is_reference_only():
