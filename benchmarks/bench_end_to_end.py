@@ -1,4 +1,4 @@
-"""End-to-end cost of each defence over a grid (DESIGN §7), as CSV rows.
+"""End-to-end cost of each defence over a grid (docs/design.md §7), as CSV rows.
 
     python benchmarks/bench_end_to_end.py                 # the embedded default, default grid
     python benchmarks/bench_end_to_end.py --prompt-tokens 128,512 --batch 1 --repeats 5

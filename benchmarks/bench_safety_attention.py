@@ -1,4 +1,4 @@
-"""Benchmark of the fused safety head (DESIGN §7): time, GB/s and % of copy bandwidth.
+"""Benchmark of the fused safety head (docs/design.md §7): time, GB/s and % of copy bandwidth.
 
     python benchmarks/bench_safety_attention.py            # full sweep
     python benchmarks/bench_safety_attention.py --quick    # the target shapes only

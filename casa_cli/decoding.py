@@ -1,4 +1,4 @@
-"""Answers under a defence (DESIGN §1-2): `casa`, `coca`, `prompt`, `vsfa` or `none`.
+"""Answers under a defence (docs/design.md §1-2): `casa`, `coca`, `prompt`, `vsfa` or `none`.
 
 Every defence runs the same loop: one prefill of the prompt (media are encoded there, once),
 then one forward call per new token on top of its KV cache, greedy or sampled.

@@ -1,5 +1,5 @@
 """`casa eval` as a library: answer labelled prompts under each defence, judge every answer
-refused or not, and turn the per-prompt results into metrics and a report (DESIGN §1, §7).
+refused or not, and turn the per-prompt results into metrics and a report (docs/design.md §1, §7).
 
     records = load_records(sets=["harmbench", "rho_overrefusal"], limit=20)
     results = list(evaluate(casa, records, ["none", "casa"], "out/records.jsonl"))

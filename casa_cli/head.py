@@ -1,4 +1,4 @@
-"""The CASA safety head (DESIGN §2).
+"""The CASA safety head (docs/design.md §2).
 
 A small attention over the prompt's final-layer hidden states `H` gives a score `z`; the two
 safety-token rows read `h_last` (the last prompt position) for the LM's own logits

@@ -1,4 +1,4 @@
-"""End-to-end cost of each defence (DESIGN §7), behind `casa profile` and
+"""End-to-end cost of each defence (docs/design.md §7), behind `casa profile` and
 benchmarks/bench_end_to_end.py.
 
 For every grid point (prompt length x batch) the same synthetic prompt, exactly that many

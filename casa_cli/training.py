@@ -1,4 +1,4 @@
-"""Training CASA adapters (DESIGN §2).
+"""Training CASA adapters (docs/design.md §2).
 
     loss = CE(gated safety step, label) + lambda * CE(response | prompt, safety token)
 
@@ -58,7 +58,7 @@ class TrainOptions:
     max_response_tokens: int = 48
     # Decoder layer the head reads (1-based, through the final norm): "auto" fits the head
     # at each of `layers` (default: `candidate_layers`) and keeps the best on validation;
-    # None = the last (DESIGN §2).
+    # None = the last (docs/design.md §2).
     layer: int | str | None = "auto"
     layers: list[int] | None = None
 

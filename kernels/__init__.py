@@ -1,4 +1,4 @@
-"""Fused Triton kernels of casa, installed as `casa_cli.kernels` (DESIGN §3).
+"""Fused Triton kernels of casa, installed as `casa_cli.kernels` (docs/design.md §3).
 
 safety_head: drop-in for casa_cli.head.safety_head_reference (z, safety-token logits,
 gated p_unsafe, optional weights), differentiable in Q, V, b and token_out.

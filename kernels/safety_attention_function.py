@@ -2,7 +2,7 @@
 
 `safety_head` is the drop-in for `casa_cli.head.safety_head_reference` (the nn.Module is
 `casa_cli.head.SafetyHead`); `safety_attention` gives the attention score z alone and also
-takes packed sequences. Gradients flow to Q, V, b and token_out; H is detached (DESIGN §2:
+takes packed sequences. Gradients flow to Q, V, b and token_out; H is detached (docs/design.md §2:
 the head never moves the prompt states).
 
 No call here synchronises with the device (no .item(), .tolist() or bool() of a tensor), so

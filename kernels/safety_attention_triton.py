@@ -1,4 +1,4 @@
-"""Triton kernels of the CASA safety head (DESIGN §2).
+"""Triton kernels of the CASA safety head (docs/design.md §2).
 
 Forward: one streaming read of the prompt states `H`. A program owns one row (a sequence) and
 one chunk of its tokens (FlashDecoding-style split along T); for each BLOCK_T tile of tokens it

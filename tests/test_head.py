@@ -1,4 +1,4 @@
-"""The PyTorch reference of the safety head against DESIGN §2 written out by hand."""
+"""The PyTorch reference of the safety head against docs/design.md §2 written out by hand."""
 import math
 
 import pytest
@@ -8,7 +8,7 @@ from casa_cli.head import SafetyHead, last_valid_index, safety_head_reference
 
 
 def naive_z(H, mask, Q, V, b):
-    """DESIGN §2 term by term: loops over rows, heads and valid tokens, in float64."""
+    """docs/design.md §2 term by term: loops over rows, heads and valid tokens, in float64."""
     z = []
     for i in range(H.shape[0]):
         valid = [t for t in range(H.shape[1]) if mask[i, t]]

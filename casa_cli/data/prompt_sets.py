@@ -1,4 +1,4 @@
-"""Prompt sets carried by registry packages (DESIGN §6), read as plain data files.
+"""Prompt sets carried by registry packages (docs/design.md §6), read as plain data files.
 
 Every loader returns records
 ``{"id", "text", "label": "harmful"|"benign", "category", "form": "command"|"question",
