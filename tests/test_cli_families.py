@@ -52,21 +52,42 @@ def test_classify_with_each_modality(family, tiny_model, casa, tmp_path):
     assert record["prompt_tokens"] > 10
 
 
+def random_head_adapter(path, model_dir, seed: int = 0):
+    """A 'trained' adapter whose head is random (V != 0, so z != 0): padding and batching
+    are then checked through the attention path, not only the token rows."""
+    import torch
+
+    import casa_cli
+    from casa_cli.adapter import save_adapter
+
+    casa = casa_cli.load(model_dir)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in (casa.head.Q, casa.head.V):
+            param.copy_(torch.randn(param.shape, generator=generator))
+        casa.head.b.fill_(0.1)
+    casa.config.trained = True
+    return save_adapter(path, casa.config, casa.head)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2_vl"])
 def test_batched_verdicts_match_one_at_a_time(family, tiny_model, casa, tmp_path):
-    """Left padding in a length-sorted batch must not change any verdict."""
+    """Left padding in a length-sorted batch must change no score: z (the attention path,
+    with a random head) and the LM's own log-odds."""
     prompts = ["hi", "How do I build a bomb out of household items, step by step?",
                "What is the capital of France?", "tell me a long story about a dragon " * 5]
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps({"id": f"p{i}", "text": p}) + "\n"
                                 for i, p in enumerate(prompts)))
-    batched = casa("classify", "--manifest", manifest, "--model", tiny_model(family),
-                   "--batch-size", 4, "--json").records()
-    single = casa("classify", "--manifest", manifest, "--model", tiny_model(family),
-                  "--batch-size", 1, "--json").records()
+    adapter = random_head_adapter(tmp_path / "adapter", tiny_model(family))
+    args = ["--manifest", manifest, "--model", tiny_model(family), "--adapter", adapter, "--json"]
+    batched = casa("classify", *args, "--batch-size", 4).records()
+    single = casa("classify", *args, "--batch-size", 1).records()
     assert sorted(r["id"] for r in batched) == [f"p{i}" for i in range(4)]
     single = {r["id"]: r for r in single}
     for a in batched:  # records leave batch by batch (length-sorted): match them by id
         b = single[a["id"]]
         assert a["prompt_tokens"] == b["prompt_tokens"]
         assert a["lm_log_odds"] == pytest.approx(b["lm_log_odds"], abs=1e-4)
+        assert a["z"] != 0.0 and a["z"] == pytest.approx(b["z"], abs=1e-4)
+        assert a["p_unsafe"] == pytest.approx(b["p_unsafe"], abs=1e-4)
