@@ -281,12 +281,21 @@ def test_world_from_torchrun_variables(monkeypatch):
 
 
 # --- --device-map ---------------------------------------------------------------------------
-def test_device_map(tiny_model, casa):
+def test_device_map(tiny_model, casa, tmp_path):
     from casa_cli.backbone import load_backbone
 
     result = casa("load", "--model", tiny_model("llama"), "--device-map", "auto", "--json")
     assert result.code == 0, result.stderr
     assert result.records()[0]["device"] == "cpu"
+    for command in (["generate", "hi", "--max-new-tokens", 2, "--defense", "none"],
+                    ["classify", "hi"]):
+        placed = casa(*command, "--model", tiny_model("llama"), "--device-map", "auto", "--json")
+        assert placed.code == 0, placed.stderr
+    prompts = tmp_path / "device-map.jsonl"
+    prompts.write_text('{"id": "a", "text": "hi", "label": "benign"}\n')
+    evaluated = casa("eval", "--manifest", prompts, "--model", tiny_model("llama"), "--defenses", "none",
+                     "--max-new-tokens", 2, "--device-map", "auto", "--out", tmp_path / "eval")
+    assert evaluated.code == 0, evaluated.stderr
     bad = casa("load", "--model", tiny_model("llama"), "--device-map", "everywhere")
     assert bad.code == 2 and "unknown device map" in bad.stderr
     # The head runs where H comes out: the final norm's device, wherever lm_head sits.

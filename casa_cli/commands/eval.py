@@ -39,6 +39,7 @@ def command(
     judge_model: Annotated[Optional[Path], typer.Option(
         help="Judge refusals with this local instruct/guard model \\[default: the phrase judge].")] = None,
     model: c.Model = None, adapter: c.Adapter = None, device: c.Device = "auto",
+    device_map: c.DeviceMap = None,
     dtype: c.Dtype = "auto", kernel: c.Kernel = "auto",
     trust_remote_code: c.TrustRemoteCode = False, truncate: c.Truncate = False,
     max_audio_seconds: c.MaxAudioSeconds = None,
@@ -80,9 +81,9 @@ def command(
     c.check_output(records_path, manifest, benchmark)
     records = load_records(manifest, benchmark, format, set_names or [], limit)
 
-    with distributed.launched(device) as world:
+    with distributed.launched(device, device_map) as world:
         casa = c.load_casa(model, adapter, world.device(device), dtype, kernel, trust_remote_code,
-                           max_audio_seconds=max_audio_seconds)
+                           device_map, max_audio_seconds=max_audio_seconds)
         if render:
             if "image" not in casa.backbone.modalities:
                 raise typer.BadParameter(

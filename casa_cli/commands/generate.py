@@ -42,6 +42,7 @@ def command(
     show_verdict: Annotated[bool, typer.Option(
         help="casa: print the verdict and p_unsafe on stderr.")] = False,
     model: c.Model = None, adapter: c.Adapter = None, device: c.Device = "auto",
+    device_map: c.DeviceMap = None,
     dtype: c.Dtype = "auto", kernel: c.Kernel = "auto",
     trust_remote_code: c.TrustRemoteCode = False, truncate: c.Truncate = False,
     max_audio_seconds: c.MaxAudioSeconds = None,
@@ -81,7 +82,7 @@ def command(
         if skip:
             samples = (s for s in samples if s.id not in skip)
             total = None if total is None else max(total - len(skip), 0)
-        casa = c.load_casa(model, adapter, device, dtype, kernel, trust_remote_code,
+        casa = c.load_casa(model, adapter, device, dtype, kernel, trust_remote_code, device_map,
                            max_audio_seconds=max_audio_seconds, note=False)
         defense = pick_defense(casa, defense)
         check_defense(casa, defense)  # once, before any record, rather than once per record
