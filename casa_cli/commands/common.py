@@ -54,12 +54,15 @@ Manifest = Annotated[Optional[Path], typer.Option(
 Folder = Annotated[Optional[Path], typer.Option(help="Folder of image/audio files, each paired with --prompt.")]
 FolderPrompt = Annotated[Optional[str], typer.Option("--prompt", help="Prompt paired with each --folder file.")]
 Output = Annotated[Optional[Path], typer.Option(
-    "--output", "-o", help="Write JSONL records here, flushed one by one.")]
+    "--output", "-o", help="Write JSONL records here, flushed as each record (classify: each "
+                           "batch) finishes; locked while written; never one of the inputs.")]
 Resume = Annotated[bool, typer.Option(help="Skip ids already in --output.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Prompts per forward pass (length-sorted).")]
 Threshold = Annotated[Optional[float], Finite(
     min=0.0, max=1.0, help="p_unsafe at or above this is unsafe (casa) \\[default: the adapter's].")]
-Truncate = Annotated[bool, typer.Option(help="Cut over-long text prompts to fit the context (warns).")]
+Truncate = Annotated[bool, typer.Option(
+    help="Cut the middle of over-long text prompts to fit the context, keeping their start and "
+         "end; the record says \"truncated\": true.")]
 MaxAudioSeconds = Annotated[Optional[float], Finite(
     "--max-audio-seconds", positive=True,
     help="Refuse longer audio clips (an error record) \\[default: the model's audio window, "
