@@ -1,12 +1,13 @@
 """Processor loading that survives a torchvision-free install.
 
-Qwen2-VL, Qwen2.5-VL and Qwen2.5-Omni processors carry a video processor, and transformers
-builds none without torchvision (whose wheels do not match every CPU torch). casa takes no
-video, so when that is the only obstacle the processor is rebuilt from its other parts with
-no video slot: tokenizer, image processor (PIL backend) and audio feature extractor."""
+Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni and SmolVLM processors carry a video processor, and
+transformers builds none without torchvision (whose wheels do not match every CPU torch). casa
+takes no video, so when that is the only obstacle the processor is rebuilt from its other parts
+with no video slot: tokenizer, image processor (PIL backend) and audio feature extractor."""
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from pathlib import Path
 
@@ -21,8 +22,18 @@ def without_video(processor_class: type) -> type:
             return None
         return processor_class.check_argument_for_proper_class(self, argument_name, argument)
 
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        # SmolVLM's override reads video_processor.num_frames / .fps even for a chat with no
+        # video; with no video processor the generic template path is the whole job.
+        if all(getattr(self, a, None) is None for a in processor_class.get_attributes() if "video" in a):
+            from transformers.processing_utils import ProcessorMixin
+
+            return ProcessorMixin.apply_chat_template(self, conversation, *args, **kwargs)
+        return processor_class.apply_chat_template(self, conversation, *args, **kwargs)
+
     return type(processor_class.__name__, (processor_class,), {
         "check_argument_for_proper_class": check_argument_for_proper_class,
+        "apply_chat_template": apply_chat_template,
         "__module__": processor_class.__module__})
 
 
@@ -47,7 +58,18 @@ def load_processor(directory: Path, trust_remote_code: bool = False):
             parts[attribute] = transformers.AutoImageProcessor.from_pretrained(directory)
         else:
             parts[attribute] = transformers.AutoFeatureExtractor.from_pretrained(directory)
-    return processor_class(**parts, chat_template=chat_template(directory))
+    settings = init_settings(directory, processor_class, parts)
+    return processor_class(**parts, **settings, chat_template=chat_template(directory))
+
+
+def init_settings(directory: Path, processor_class: type, parts: dict) -> dict:
+    """The processor's own saved settings that its __init__ takes (SmolVLM's image_seq_len)."""
+    path = directory / "processor_config.json"
+    if not path.is_file():
+        return {}
+    accepted = inspect.signature(processor_class.__init__).parameters
+    return {key: value for key, value in read_json_object(path).items()
+            if key in accepted and key not in parts and key not in ("self", "chat_template")}
 
 
 def processor_class_name(directory: Path) -> str:

@@ -25,6 +25,7 @@ qwen2_audio    Qwen2AudioForConditionalGeneration          model.model.language_
 qwen2_5_omni   Qwen2_5OmniThinkerForConditionalGeneration  model.model.language_model.norm
 gemma3         Gemma3ForConditionalGeneration              model.model.language_model.norm
 idefics3       Idefics3ForConditionalGeneration            model.model.text_model.norm
+smolvlm        SmolVLMForConditionalGeneration             model.model.text_model.norm
 =============  ==========================================  ===============================
 
 In every case `model.get_decoder()` is the text decoder owning that `.norm` (see
@@ -55,6 +56,7 @@ FAMILIES = (
     "qwen2_5_omni",
     "gemma3",
     "idefics3",
+    "smolvlm",
 )
 
 MODALITIES: dict[str, set[str]] = {
@@ -67,6 +69,7 @@ MODALITIES: dict[str, set[str]] = {
     "qwen2_5_omni": {"text", "image", "audio"},
     "gemma3": {"text", "image"},
     "idefics3": {"text", "image"},
+    "smolvlm": {"text", "image"},
 }
 
 # Text hidden size of each tiny model (the width of the final-norm output).
@@ -96,6 +99,7 @@ ARCHITECTURE: dict[str, str] = {
     "qwen2_5_omni": "Qwen2_5OmniThinkerForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
     "idefics3": "Idefics3ForConditionalGeneration",
+    "smolvlm": "SmolVLMForConditionalGeneration",
 }
 
 # Families whose forward ignores `logits_to_keep` (swallowed by **kwargs): logits cover
@@ -892,15 +896,27 @@ def _build_gemma3(out: Path):
 
 
 def _build_idefics3(out: Path):
-    from tokenizers import AddedToken
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessorPil,
-        Idefics3Processor,
-        LlamaConfig,
-        PreTrainedTokenizerFast,
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor
+
+    return _idefics3_shaped(
+        "idefics3", Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor
     )
+
+
+def _build_smolvlm(out: Path):
+    """SmolVLM: Idefics3-shaped; its processor also carries a video processor (None here,
+    as casa's `load_processor` rebuilds it without torchvision)."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil, SmolVLMProcessor
+
+    return _idefics3_shaped(
+        "smolvlm", SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil,
+        _video_free(SmolVLMProcessor), video_processor=None,
+    )
+
+
+def _idefics3_shaped(family: str, config_cls, model_cls, image_processor_cls, processor_cls, **processor_extra):
+    from tokenizers import AddedToken
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
     vocab, merges = _trained_bpe("bytelevel")
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"]
@@ -924,8 +940,8 @@ def _build_idefics3(out: Path):
     )
     size, patch, scale = 32, 8, 2  # 16 patches, pixel-shuffled by 2 -> 4 image tokens
     seq = (size // patch) ** 2 // scale**2
-    kw = _text_kwargs("idefics3", _vocab_size(tok))
-    cfg = Idefics3Config(
+    kw = _text_kwargs(family, _vocab_size(tok))
+    cfg = config_cls(
         vision_config=dict(
             hidden_size=32,
             intermediate_size=64,
@@ -941,13 +957,15 @@ def _build_idefics3(out: Path):
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         tie_word_embeddings=False,
     )
-    model = Idefics3ForConditionalGeneration(cfg)
-    ip = Idefics3ImageProcessorPil(
+    model = model_cls(cfg)
+    ip = image_processor_cls(
         do_image_splitting=False,
         size={"longest_edge": size},
         max_image_size={"longest_edge": size},
     )
-    proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=seq, chat_template=_IDEFICS3_TEMPLATE)
+    proc = processor_cls(
+        image_processor=ip, tokenizer=tok, image_seq_len=seq, chat_template=_IDEFICS3_TEMPLATE, **processor_extra
+    )
     return model, proc
 
 
@@ -961,6 +979,7 @@ _BUILDERS = {
     "qwen2_5_omni": _build_qwen2_5_omni,
     "gemma3": _build_gemma3,
     "idefics3": _build_idefics3,
+    "smolvlm": _build_smolvlm,
 }
 
 
