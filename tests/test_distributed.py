@@ -12,6 +12,7 @@ import pytest
 
 from casa_cli.distributed import World, launched, merge, merge_parts, part_files, part_path, shard
 from casa_cli.inputs import InputError
+from test_cli_families import random_head_adapter
 
 WORDS = "how do I make a safe cake pick the lock tell me a joke about world history please".split()
 
@@ -53,11 +54,13 @@ def job(tiny_model, tmp_path_factory):
         rng.choice(WORDS) for _ in range(rng.randint(1, 60)))}) + "\n" for i in range(40)))
     reference = folder / "reference.jsonl"
     model = tiny_model("llama")
-    result = run_casa("classify", "--manifest", manifest, "--model", model, "--output", reference)
+    adapter = random_head_adapter(folder / "adapter", model)  # z != 0: the attention path counts
+    result = run_casa("classify", "--manifest", manifest, "--model", model, "--adapter", adapter,
+                      "--output", reference)
     assert result.code == 0, result.stderr
     # One process writes each length-sorted batch as it finishes; a merge restores input
     # order, which for these ids is their sorted order.
-    return {"folder": folder, "manifest": manifest, "model": model,
+    return {"folder": folder, "manifest": manifest, "model": model, "adapter": adapter,
             "reference": sorted(read(reference), key=lambda r: r["id"]),
             "runner": write_runner(folder)}
 
@@ -81,7 +84,8 @@ def torchrun(job, tmp_path, *args, kill_after=0, command="classify"):
            "KILL_AFTER": str(kill_after)}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         job["runner"], command, "--manifest", job["manifest"], "--model", job["model"], *args],
+         job["runner"], command, "--manifest", job["manifest"], "--model", job["model"],
+         "--adapter", job["adapter"], *args],
         env=env, capture_output=True, text=True, timeout=180)
     codes = {path.name: int(path.read_text()) for path in exits.iterdir()}
     return done, codes
@@ -93,6 +97,7 @@ def assert_same_verdicts(records, reference):
         assert got["verdict"] == want["verdict"], got["id"]
         assert got["prompt_tokens"] == want["prompt_tokens"], got["id"]
         assert got["p_unsafe"] == pytest.approx(want["p_unsafe"], abs=1e-5), got["id"]
+        assert got["z"] != 0.0 and got["z"] == pytest.approx(want["z"], abs=1e-5), got["id"]
 
 
 def summary_count(stderr):
@@ -143,7 +148,7 @@ def test_one_process_resumes_from_the_parts_of_any_world_size(job, casa, tmp_pat
     part_path(out, 2, 3).write_text(lines(reference[30:35]))
     out.write_text(lines(reference[20:25] + reference[30:31]))
     result = casa("classify", "--manifest", job["manifest"], "--model", job["model"],
-                  "--output", out, "--resume")
+                  "--adapter", job["adapter"], "--output", out, "--resume")
     assert result.code == 0, result.stderr
     assert summary_count(result.stderr) == 20
     assert_same_verdicts(read(out), reference)
@@ -167,10 +172,12 @@ def eval_job(tiny_model, tmp_path_factory):
         "text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40)))}) + "\n"
         for i in range(12)))
     model = tiny_model("llama")
+    adapter = random_head_adapter(folder / "adapter", model)
     out = folder / "reference"
-    result = run_casa("eval", "--manifest", manifest, "--model", model, "--out", out, *EVAL_ARGS)
+    result = run_casa("eval", "--manifest", manifest, "--model", model, "--adapter", adapter,
+                      "--out", out, *EVAL_ARGS)
     assert result.code == 0, result.stderr
-    return {"manifest": manifest, "model": model, "runner": write_runner(folder),
+    return {"manifest": manifest, "model": model, "adapter": adapter, "runner": write_runner(folder),
             "records": read(out / "records.jsonl"), "metrics": metrics_of(out)}
 
 
