@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from casa_cli.backbone import loading
-from casa_cli.head import GATES, SAFETY_TOKENS, SafetyHead
+from casa_cli.head import GATES, SAFETY_TOKENS, SafetyHead, valid_threshold
 from casa_cli.inputs import InputError
 from casa_cli.output import strict_json
 from casa_cli.processors import read_json_object
@@ -73,8 +73,7 @@ FIELD_CHECKS = {
     "hidden_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "heads": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "gate": (lambda v: isinstance(v, str) and v in GATES, f"one of {', '.join(GATES)}"),
-    "threshold": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-                  and 0.0 <= v <= 1.0, "a number in [0, 1]"),  # NaN fails the range test
+    "threshold": (valid_threshold, "a number in [0, 1]"),
     "tokens": (lambda v: isinstance(v, dict) and set(v) == {"safe", "unsafe"}
                and all(map(_is_token, v.values())),
                'an object {"safe": {"string", "id"}, "unsafe": {"string", "id"}}'),

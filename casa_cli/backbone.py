@@ -311,28 +311,18 @@ class Backbone:
             if not 1 <= layer <= self.num_layers:
                 raise InputError(f"layer {layer} is out of range: this model has layers 1 to "
                                  f"{self.num_layers}")
+        # Which decoder layer fills which captured key ("H" for the head; layer numbers for
+        # the sweep). Keys of one layer share its hook, so its norm runs once.
+        keys_of: dict[int, list] = {}
+        if capture:
+            keys_of.setdefault(self.head_layer or self.num_layers, []).append("H")
+        for layer in wanted:
+            keys_of.setdefault(layer, []).append(layer)
         captured = {"H": None}
-        norm = self.final_norm()
         hooks = []
-        if capture and self.head_layer is None:
-            hooks.append(norm.register_forward_hook(
-                lambda module, args, output: captured.__setitem__("H", output)))
-        elif capture:
-            def keep(module, args, output):
-                states = output[0] if isinstance(output, tuple) else output
-                captured["H"] = norm(states.to(self.device))
-            hooks.append(self.decoder_layers()[self.head_layer - 1].register_forward_hook(keep))
         try:
-            for layer in wanted:
-                if layer == self.num_layers:  # the final norm's own output, as at inference
-                    hooks.append(norm.register_forward_hook(
-                        lambda module, args, output, key=layer: captured.__setitem__(key, output)))
-                    continue
-
-                def keep_layer(module, args, output, key=layer):
-                    states = output[0] if isinstance(output, tuple) else output
-                    captured[key] = norm(states.to(self.device))
-                hooks.append(self.decoder_layers()[layer - 1].register_forward_hook(keep_layer))
+            for layer, keys in keys_of.items():
+                hooks.append(self._capture_hook(layer, keys, captured))
             out = self.model(**batch, use_cache=use_cache, logits_to_keep=1)
         finally:
             for hook in hooks:
@@ -341,6 +331,24 @@ class Backbone:
                        logits=out.logits[:, -1], cache=out.get("cache"),
                        layers={layer: captured[layer] for layer in wanted} if layers is not None
                        else None)
+
+    def _capture_hook(self, layer: int, keys: list, captured: dict):
+        """A forward hook storing decoder layer `layer`'s output, through the final norm,
+        under each of `keys` in `captured`. The last layer is the final norm's own output
+        (what lm_head reads), hooked on the norm itself."""
+        norm = self.final_norm()
+
+        def store(states):
+            for key in keys:
+                captured[key] = states
+
+        if layer == self.num_layers:
+            return norm.register_forward_hook(lambda module, args, output: store(output))
+
+        def through_norm(module, args, output):
+            states = output[0] if isinstance(output, tuple) else output
+            store(norm(states.to(self.device)))
+        return self.decoder_layers()[layer - 1].register_forward_hook(through_norm)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -51,11 +51,14 @@ def safety_head_reference(H, mask, Q, V, b, token_out, gate: str = "log",
     return HeadOutput(z, l_safe, l_unsafe, p_unsafe, weights if return_weights else None)
 
 
+def valid_threshold(value) -> bool:
+    """A usable verdict threshold: a number (not a bool) in [0, 1]. NaN fails the range test;
+    it would compare false everywhere and call every prompt safe."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
 def check_threshold(threshold: float) -> float:
-    """A usable verdict threshold: a finite number in [0, 1] (NaN would compare false
-    everywhere and call every prompt safe)."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
-            or not 0.0 <= threshold <= 1.0:  # NaN fails the range test too
+    if not valid_threshold(threshold):
         raise InputError(f"threshold {threshold!r} is not a number in [0, 1]")
     return float(threshold)
 

@@ -89,7 +89,7 @@ class Casa:
         """Run one batch through prefill and the safety head; one record per sample. With
         `explain`, each record lists the prompt tokens that pushed z up the most. A sample
         whose score is not a finite probability gets an error record, never a verdict."""
-        threshold = check_threshold(self.config.threshold if threshold is None else threshold)
+        threshold = self.config.threshold if threshold is None else threshold  # `verdict` checks it
         started = time.perf_counter()
         batch = self.backbone.collate(prepared)
         prefill = self.backbone.prefill(batch)

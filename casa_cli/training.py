@@ -326,10 +326,9 @@ def train(backbone: Backbone, examples: list[Sample], options: TrainOptions,
         head = head.float()
         history = fit_head(head, (train_states, train_y), (val_states, val_y), options)
     else:
-        sweep, head, history = sweep_layers(backbone, candidates, examples, val_examples,
-                                            options, tick)
+        sweep, head, history, states = sweep_layers(backbone, candidates, examples, val_examples,
+                                                    options, tick)
         config.layer = backbone.head_layer or backbone.num_layers
-        states = prompt_states(backbone, all_samples)  # the chosen layer's, from the cache
         train_states, val_states = states[: len(examples)], states[len(examples):]
     lora_model = None
     if options.mode == "lora":
@@ -386,12 +385,13 @@ def sweep_candidates(backbone: Backbone, options: TrainOptions) -> list[int] | N
 def sweep_layers(backbone: Backbone, candidates: list[int], examples: list[Sample],
                  val_examples: list[Sample], options: TrainOptions,
                  tick: Callable[[str, int], Callable[[int], None]]
-                 ) -> tuple[list[dict], SafetyHead, list[dict]]:
+                 ) -> tuple[list[dict], SafetyHead, list[dict], list[torch.Tensor]]:
     """Fit a fresh head (same options, same seed) at each candidate layer and keep the best
     on the validation set (`LAYER_CHOICE`; held-out sets are never looked at). Every
     prompt's states at all candidates come from one prefill (`layer_states`) and are read
-    back one layer at a time. Leaves the backbone reading the chosen layer; returns the
-    sweep's rows, the chosen layer's head and its history."""
+    back one layer at a time (the best so far kept, so the chosen layer is not read twice).
+    Leaves the backbone reading the chosen layer; returns the sweep's rows, the chosen
+    layer's head, its history and its states (examples, then validation)."""
     all_samples = examples + val_examples
     train_y, val_y = [label_of(s) for s in examples], [label_of(s) for s in val_examples]
     layer_states(backbone, all_samples, candidates, keep=False,
@@ -414,13 +414,13 @@ def sweep_layers(backbone: Backbone, candidates: list[int], examples: list[Sampl
                      "epochs_run": len(history), "chosen": False})
         key = (round(metrics["auroc"], 4), -metrics["loss"], layer)
         if best is None or key > best[0]:
-            best = (key, len(rows) - 1, head, history)
+            best = (key, len(rows) - 1, head, history, states)
         del states
         step(1)
-    _, index, head, history = best
+    _, index, head, history, states = best
     rows[index]["chosen"] = True
     backbone.read_layer(rows[index]["layer"])
-    return rows, head, history
+    return rows, head, history, states
 
 
 def summarise(samples: list[Sample]) -> dict:

@@ -80,13 +80,13 @@ def check_output(output: Path | None, *inputs: Path | None) -> None:
 
 
 def _input_files(inputs: Iterable[Path | None]) -> list[Path]:
-    from casa_cli.inputs import AUDIO_SUFFIXES, IMAGE_SUFFIXES
+    from casa_cli.inputs import read_folder
 
     files = []
     for path in (Path(p) for p in inputs if p is not None):
-        if path.is_dir():
-            files += [p for p in path.rglob("*")
-                      if p.suffix.lower() in IMAGE_SUFFIXES | AUDIO_SUFFIXES and p.is_file()]
+        if path.is_dir():  # the media files --folder would read
+            files += [media for sample in read_folder(path, "")
+                      for media in sample.images + sample.audio]
         else:
             files.append(path)
     return files
