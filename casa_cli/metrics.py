@@ -81,6 +81,15 @@ def auroc(labels: Iterable, scores: Iterable[float]) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def auroc_standard_error(auc: float, n_pos: int, n_neg: int) -> float:
+    """Standard error of an AUROC from its value and class sizes (Hanley & McNeil, 1982):
+    how far two AUROCs on the same few hundred prompts can differ by chance alone."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    variance = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc)
+                + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
+    return float(np.sqrt(max(variance, 0.0)))
+
+
 def roc_curve(labels: Iterable, scores: Iterable[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds) for "harmful when score >= threshold", one point per distinct
     score (ties move together, giving the diagonal segment that AUROC's half-credit implies),

@@ -30,7 +30,7 @@ from casa_cli.backbone import Backbone, cache_dir
 from casa_cli.head import SafetyHead, gated_logits
 from casa_cli.inputs import InputError, Sample, normalise_label, read_manifest
 from casa_cli.lora import fit_lora
-from casa_cli.metrics import score_metrics, tpr_at_fpr
+from casa_cli.metrics import auroc_standard_error, score_metrics, tpr_at_fpr
 
 MODES = ("head", "lora")
 VARIANTS = ("full", "token", "attention")
@@ -209,8 +209,10 @@ def score(head: SafetyHead, states: list[torch.Tensor], batch_size: int = 256,
 
 def fit_head(head: SafetyHead, train: tuple[list, list[int]], val: tuple[list, list[int]],
              options: TrainOptions, on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
-    """Adam on the safety-step cross-entropy; keeps the parameters of the best validation
-    AUROC (ties broken by loss) and stops after `patience` epochs without a gain."""
+    """Adam on the safety-step cross-entropy; keeps the parameters of the lowest validation
+    loss and stops after `patience` epochs without a lower one. (Keeping the best AUROC
+    instead let heads at some layers run every epoch on gains in the fourth decimal while
+    their validation loss doubled: overconfident heads whose threshold then sat at 0.99.)"""
     params = prepare_variant(head, options.variant)
     optimiser = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     states, labels = train
@@ -238,7 +240,7 @@ def fit_head(head: SafetyHead, train: tuple[list, list[int]], val: tuple[list, l
         history.append(row)
         if on_epoch:
             on_epoch(row)
-        key = (round(metrics["auroc"], 4), -metrics["loss"])
+        key = -metrics["loss"]
         if best_key is None or key > best_key:
             best_key, since_best = key, 0
             best = {k: v.detach().clone() for k, v in head.state_dict().items()}
@@ -360,8 +362,22 @@ def train(backbone: Backbone, examples: list[Sample], options: TrainOptions,
     return config, head, lora_model
 
 
-LAYER_CHOICE = ("the best validation AUROC (to 4 decimals), then the lower validation loss, "
-                "then the deeper layer")
+LAYER_CHOICE = ("of the layers whose validation AUROC is within one standard error (Hanley & "
+                "McNeil) of the best, the highest validation TPR at 1% FPR, then the higher "
+                "AUROC, then the deeper layer")
+
+
+def choose_layer(rows: list[dict], n_harmful: int, n_benign: int) -> int:
+    """Index of the row `LAYER_CHOICE` picks. AUROC alone ranks layers by noise once they
+    are all good (on a few hundred validation prompts its standard error is about 0.01),
+    so it only narrows the field; among the layers it cannot tell apart, the one that
+    catches most harm while flagging almost no benign prompt wins, the operating point a
+    safety filter is judged at."""
+    best = max(row["val_auroc"] for row in rows)
+    margin = auroc_standard_error(best, n_harmful, n_benign)
+    close = [i for i, row in enumerate(rows) if row["val_auroc"] >= best - margin]
+    return max(close, key=lambda i: (rows[i]["val_tpr_at_1pct_fpr"], rows[i]["val_auroc"],
+                                     rows[i]["layer"]))
 
 
 def sweep_candidates(backbone: Backbone, options: TrainOptions) -> list[int] | None:
@@ -389,7 +405,8 @@ def sweep_layers(backbone: Backbone, candidates: list[int], examples: list[Sampl
     """Fit a fresh head (same options, same seed) at each candidate layer and keep the best
     on the validation set (`LAYER_CHOICE`; held-out sets are never looked at). Every
     prompt's states at all candidates come from one prefill (`layer_states`) and are read
-    back one layer at a time (the best so far kept, so the chosen layer is not read twice).
+    back one layer at a time (the chosen layer's once more at the end: the rule weighs
+    every layer's scores, so the winner is known only after the last).
     Leaves the backbone reading the chosen layer; returns the sweep's rows, the chosen
     layer's head, its history and its states (examples, then validation)."""
     all_samples = examples + val_examples
@@ -397,7 +414,7 @@ def sweep_layers(backbone: Backbone, candidates: list[int], examples: list[Sampl
     layer_states(backbone, all_samples, candidates, keep=False,
                  on_batch=tick("hidden states", len(all_samples)))
     step = tick("layer sweep", len(candidates))
-    rows, best = [], None
+    rows, fitted = [], []
     for layer in candidates:
         backbone.read_layer(layer)
         states = prompt_states(backbone, all_samples)
@@ -412,15 +429,14 @@ def sweep_layers(backbone: Backbone, candidates: list[int], examples: list[Sampl
                      "val_tpr_at_1pct_fpr": metrics["tpr_at_1pct_fpr"],
                      "val_tpr_at_5pct_fpr": metrics["tpr_at_5pct_fpr"],
                      "epochs_run": len(history), "chosen": False})
-        key = (round(metrics["auroc"], 4), -metrics["loss"], layer)
-        if best is None or key > best[0]:
-            best = (key, len(rows) - 1, head, history, states)
+        fitted.append((head, history))
         del states
         step(1)
-    _, index, head, history, states = best
+    index = choose_layer(rows, sum(val_y), len(val_y) - sum(val_y))
     rows[index]["chosen"] = True
+    head, history = fitted[index]
     backbone.read_layer(rows[index]["layer"])
-    return rows, head, history, states
+    return rows, head, history, prompt_states(backbone, all_samples)
 
 
 def summarise(samples: list[Sample]) -> dict:

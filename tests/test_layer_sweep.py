@@ -11,10 +11,10 @@ import random
 import pytest
 import torch
 
-from casa_cli import backbone as backbone_module
+from casa_cli import backbone as backbone_module, pipeline
 from casa_cli.backbone import load_backbone
 from casa_cli.inputs import prompt_sample
-from casa_cli.training import candidate_layers
+from casa_cli.training import candidate_layers, choose_layer
 
 PLANTED = 4
 LAYERS = 6
@@ -91,7 +91,9 @@ def planted(deep_model, tmp_path, monkeypatch):
         layers[PLANTED].register_forward_pre_hook(remove, with_kwargs=True)
         return backbone
 
+    # pipeline holds its own reference: patched too, so a later test never inherits this one.
     monkeypatch.setattr(backbone_module, "load_backbone", planted_load)
+    monkeypatch.setattr(pipeline, "load_backbone", planted_load)
     return tmp_path, counts
 
 
@@ -187,3 +189,19 @@ def test_a_forced_layer_records_no_sweep(deep_model, planted, casa):
                          (("--layers", "3,x"), "separated by commas")):
         refused = run_train(casa, deep_model, folder, folder / "bad", *bad)
         assert refused.code == 2 and message in refused.stderr, refused.stderr
+
+
+def row(layer, auroc, tpr):
+    return {"layer": layer, "val_auroc": auroc, "val_tpr_at_1pct_fpr": tpr}
+
+
+def test_the_choice_weighs_tpr_among_layers_auroc_cannot_tell_apart():
+    """On 200 + 200 validation prompts one standard error at AUROC 0.967 is about 0.009:
+    0.960 is within it, 0.950 is not."""
+    rows = [row(9, 0.967, 0.59), row(15, 0.960, 0.74), row(21, 0.950, 0.90), row(30, 0.963, 0.66)]
+    assert rows[choose_layer(rows, 200, 200)]["layer"] == 15
+    # With 20 times the prompts the margin is 0.002: only the best AUROC is left.
+    assert rows[choose_layer(rows, 4000, 4000)]["layer"] == 9
+    # Equal TPR: the higher AUROC, then the deeper layer.
+    tied = [row(12, 0.961, 0.7), row(18, 0.964, 0.7), row(24, 0.964, 0.7)]
+    assert tied[choose_layer(tied, 200, 200)]["layer"] == 24

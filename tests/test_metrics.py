@@ -4,9 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from casa_cli.metrics import (attack_success_rate, auroc, breakdown, classification_metrics,
-                              defence_metrics, f1_at_threshold, modality, over_refusal_rate,
-                              roc_curve, tpr_at_fpr)
+from casa_cli.metrics import (attack_success_rate, auroc, auroc_standard_error, breakdown, classification_metrics,
+                              defence_metrics, f1_at_threshold, modality,
+                              over_refusal_rate, roc_curve, tpr_at_fpr)
 
 
 def test_auroc_perfect_inverted_and_chance():
@@ -120,3 +120,17 @@ def test_breakdown_by_category_and_modality():
     assert by_mod["image"]["casa"]["n_harmful"] == 2
     assert modality({"images": ["a"], "audio": "b.wav"}) == "image+audio"
     assert modality({"images": [], "audio": None}) == "text"
+
+
+def test_auroc_standard_error_matches_the_spread_over_resampled_sets():
+    """Hanley & McNeil's formula against the empirical spread of AUROC over 400 independent
+    draws of 100 harmful and 100 benign Gaussian scores (true AUROC about 0.92)."""
+    rng = np.random.default_rng(0)
+    labels = [1] * 100 + [0] * 100
+    draws = [auroc(labels, np.r_[rng.normal(2.0, 1.0, 100), rng.normal(0.0, 1.0, 100)])
+             for _ in range(400)]
+    empirical = float(np.std(draws))
+    predicted = auroc_standard_error(float(np.mean(draws)), 100, 100)
+    assert abs(predicted - empirical) / empirical < 0.15
+    assert auroc_standard_error(1.0, 50, 50) == 0.0
+    assert auroc_standard_error(0.9, 400, 400) < auroc_standard_error(0.9, 100, 100)
