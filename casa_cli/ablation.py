@@ -24,8 +24,9 @@ from casa_cli.adapter import init_adapter
 from casa_cli.backbone import load_backbone
 from casa_cli.data.baseline import BagOfWords
 from casa_cli.metrics import score_metrics
+from casa_cli.states import prompt_states
 from casa_cli.training import (TrainOptions, calibrated_threshold, fit_head, label_of,
-                               prompt_states, read_examples, score)
+                               read_examples, score)
 
 SPLITS = ("train", "val", "test_ordinary", "test_overrefusal")
 

@@ -74,7 +74,7 @@ class Generation:
     timings: dict = field(default_factory=dict)  # prefill_ms, safety_ms, first_token_ms, ...
 
     def record(self, sample: Sample | None = None) -> dict:
-        record = {"id": self.id, "defense": self.defense}
+        record = {"id": self.id, "defence": self.defense}
         if self.verdict is not None:
             record.update(verdict=self.verdict, p_unsafe=round(self.p_unsafe, 6),
                           refused=self.refused)
@@ -234,6 +234,15 @@ def writes_after_token(casa) -> bool:
     so this model was trained to write what follows the safety token. A VSFA adapter also
     carries a lora/ folder, but its model never saw a safety token."""
     return casa.config.mode == "lora" and lora_path(casa.adapter_dir) is not None
+
+
+def default_defense(casa) -> str:
+    """The defence a loaded model answers under unless told: vsfa with a VSFA adapter (its
+    safety is in the merged LoRA weights, not in a head), casa with a trained head, else
+    none (an untrained head's verdicts are only the LM's own log-odds)."""
+    if casa.config.mode == "vsfa":
+        return "vsfa"
+    return "casa" if casa.trained else "none"
 
 
 def check_defense(casa, defense: str) -> None:

@@ -191,8 +191,9 @@ class Shard:
     to run, `path` to write records to (None without --output), and `finish` to merge.
 
     Each sample yields the records `keys(sample)` names (one, keyed by its id, by default;
-    `casa eval` writes one per defence, keyed (defence, id) by `record_key`). A sample is done
-    when every one of its keys has a finished record in --output or a part file.
+    `casa eval` writes one per defence, keyed (defence, id) by `record_key`). With --resume,
+    `already_done` holds the keys that have a finished record in --output or a part file: a
+    sample is skipped when all of its keys are there (`casa eval` skips the pairs too).
 
     A world of one streams (samples stay lazy, records go straight to --output) unless
     --resume finds part files of a killed distributed run: then it takes the sharded path as
@@ -208,14 +209,14 @@ class Shard:
         self.claim = None
         self.streaming = not world.distributed and not (resume and output and part_files(output))
         if self.streaming:
-            skip = self.done([output]) if resume and output else set()
+            done = self.already_done = self.done([output]) if resume and output else set()
             self.samples, self.total = samples, total
-            if skip and isinstance(samples, list):
-                self.samples = [s for s in samples if not self.finished(s, skip)]
+            if done and isinstance(samples, list):
+                self.samples = [s for s in samples if not self.finished(s, done)]
                 self.total = len(self.samples)
-            elif skip:  # a lazy input stays lazy; the count is the best guess without reading it
-                self.samples = (s for s in samples if not self.finished(s, skip))
-                self.total = None if total is None else max(total - len(skip), 0)
+            elif done:  # a lazy input stays lazy; the count is the best guess without reading it
+                self.samples = (s for s in samples if not self.finished(s, done))
+                self.total = None if total is None else max(total - len(done), 0)
             self.path = output
             return
         everything = list(samples)
@@ -225,9 +226,10 @@ class Shard:
             if not resume:  # the output starts empty, as in a single process
                 for stale in part_files(output):
                     stale.unlink(missing_ok=True)
-        skip = self.done([output, *part_files(output)]) if resume and output is not None else set()
+        done = self.already_done = (self.done([output, *part_files(output)])
+                                    if resume and output is not None else set())
         world.barrier()  # every rank has read what is done before any rank writes
-        todo = [s for s in everything if not self.finished(s, skip)]
+        todo = [s for s in everything if not self.finished(s, done)]
         self.samples = [todo[i] for i in shard([cost(s) for s in todo], world.rank, world.size)]
         self.total = len(self.samples)
         self.path = None if output is None else part_path(output, world.rank, world.size)

@@ -1,8 +1,10 @@
-"""`casa eval` as a library: answer labelled prompts under each defence, judge every answer
-refused or not, and turn the per-prompt results into metrics and a report (docs/design.md §1, §7).
+"""The pieces of `casa eval`: answer labelled prompts under each defence, judge every answer
+refused or not, and turn the per-prompt results into metrics and a report (docs/design.md §1,
+§7). `evaluate`, at the end, runs them all (under torchrun too): it is `casa_cli.evaluate`.
+By hand:
 
     records = load_records(sets=["harmbench", "rho_overrefusal"], limit=20)
-    results = list(evaluate(casa, records, ["none", "casa"], "out/records.jsonl"))
+    results = list(answer_all(casa, records, ["none", "casa"]))
     metrics = summarise(results, casa)
     write_outputs(metrics, "out")            # report.md, roc.png, tradeoff.png, metrics.json
 
@@ -18,22 +20,26 @@ import os
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from casa_cli.data.benchmarks import read_benchmark
 from casa_cli.data.prompt_sets import SETS, MissingPackageError, load_set
 from casa_cli.decoding import DEFENSES, DecodeOptions
-from casa_cli.distributed import merge
+from casa_cli.distributed import Shard, World, launched, merge
 from casa_cli.inputs import InputError, Sample, refuse_duplicate_ids
 from casa_cli.judges import is_refusal
 from casa_cli.metrics import breakdown, defence_metrics, modality
 from casa_cli.output import RecordWriter, read_records, strict_json
-from casa_cli.pipeline import error_record
+from casa_cli.pipeline import Casa, error_record, load
 from casa_cli.render import render_many
-from casa_cli.report import write_report
+from casa_cli.report import Report, write_report
 
 RENDERERS = ("figstep",)
 PHRASE_JUDGE = "phrases (casa_cli.judges.is_refusal)"
+
+
+class NotAnImageModel(InputError):
+    """FigStep rendering asked of a model that takes no images (`casa eval` names --render)."""
 
 # The question put to a --judge-model. The request and response come first and the question
 # last, so that truncating an over-long prompt (which cuts its start) keeps the question. The
@@ -223,43 +229,20 @@ def answer(casa, record: dict, defence: str, judge: Callable[[str, str], bool],
     return result
 
 
-def evaluate(casa, records: list[dict], defences: Iterable[str], records_path: str | Path,
-             judge: Callable[[str, str], bool] = phrase_judge,
-             options: DecodeOptions | None = None, threshold: float | None = None,
-             truncate: bool = False, resume: bool = False,
-             on_result: Callable[[dict], None] | None = None) -> list[dict]:
-    """Answer every record under every defence, appending each result to ``records_path``
-    (JSONL, flushed one by one). With ``resume``, (defence, id) pairs that already have a
-    result there are not run again (error records are retried). Prompt-major order, so an
-    interrupted run still compares the defences on the same prompts.
-
-    Returns the latest result of every (defence, id) pair asked for, errors included.
-    """
+def answer_all(casa, records: list[dict], defences: Iterable[str],
+               judge: Callable[[str, str], bool] = phrase_judge,
+               options: DecodeOptions | None = None, threshold: float | None = None,
+               truncate: bool = False, skip: set = frozenset()) -> Iterator[dict]:
+    """Every record under every defence, judged, one result at a time. Prompt-major order, so
+    an interrupted run still compares the defences on the same prompts. (defence, id) pairs
+    in ``skip`` (answered by an earlier run: ``distributed.Shard.already_done``) are not run
+    again."""
     defences = list(defences)
-    unknown = [d for d in defences if d not in DEFENSES]
-    if unknown:
-        raise InputError(f"unknown defence {unknown[0]!r}; expected some of {', '.join(DEFENSES)}")
     options = options or DecodeOptions()
-    wanted = {(d, r["id"]) for r in records for d in defences}
-    latest = {}
-    if resume:
-        latest = {result_key(r): r for r in read_records(Path(records_path))
-                  if "defence" in r and result_key(r) in wanted}
-    writer = RecordWriter(records_path, resume=resume)
-    try:
-        for record in records:
-            for defence in defences:
-                done = latest.get((defence, record["id"]))
-                if done is not None and "error" not in done:
-                    continue
-                result = answer(casa, record, defence, judge, options, threshold, truncate)
-                writer.write(result)
-                latest[result_key(result)] = result
-                if on_result:
-                    on_result(result)
-    finally:
-        writer.close()
-    return [latest[(d, r["id"])] for r in records for d in defences if (d, r["id"]) in latest]
+    for record in records:
+        for defence in defences:
+            if (defence, record["id"]) not in skip:
+                yield answer(casa, record, defence, judge, options, threshold, truncate)
 
 
 def collect(records_path: str | Path, records: list[dict], defences: Iterable[str]) -> list[dict]:
@@ -322,3 +305,90 @@ def write_outputs(metrics: dict, out_dir: str | Path, title: str = "casa eval") 
     paths["metrics"].write_text(json.dumps(strict_json(metrics), indent=1, ensure_ascii=False) + "\n",
                                 encoding="utf-8")
     return paths
+
+
+# ---------------------------------------------------------------------------- the whole run
+
+
+def evaluate(out: str | Path, model: str | None = None, adapter: str | Path | None = None, *,
+             manifest: str | Path | None = None, benchmark: str | Path | None = None,
+             format: str | None = None, sets: Iterable[str] = (), limit: int | None = None,
+             defences: Iterable[str] = ("none", "prompt", "coca", "casa"),
+             render: str | None = None, max_new_tokens: int = 64, threshold: float | None = None,
+             judge_model: str | Path | None = None, device: str = "auto",
+             device_map: str | None = None, dtype: str = "auto", kernel: str = "auto",
+             trust_remote_code: bool = False, truncate: bool = False,
+             max_audio_seconds: float | None = None, resume: bool = False,
+             on_loaded: Callable[[Casa], None] | None = None,
+             on_result: Callable[[dict], None] | None = None) -> Report:
+    """Answer labelled prompts (one source: `manifest`, `benchmark` or registry `sets`)
+    under each of `defences`, judge every answer refused or not (a phrase list, or the local
+    `judge_model`), and write records.jsonl, report.md, roc.png, tradeoff.png and
+    metrics.json to `out`. `render="figstep"` first turns each text prompt into a FigStep
+    image attack (in out/figstep/). `resume` keeps out/records.jsonl and answers only the
+    (defence, id) pairs it lacks. `on_loaded(casa)` is told of the model once loaded, and
+    `on_result(result)` of each result as it is written.
+
+    Under torchrun every rank answers its share and rank 0 merges, summarises and writes;
+    the others get a Report without metrics (`failed` counts every rank's failures)."""
+    defences, sets = list(defences), list(sets)
+    unknown = [d for d in defences if d not in DEFENSES]
+    if unknown:
+        raise InputError(f"unknown defence {unknown[0]!r}; expected some of {', '.join(DEFENSES)}")
+    if render not in (None, *RENDERERS):
+        raise InputError(f"unknown renderer {render!r}; expected one of {', '.join(RENDERERS)}")
+    out = Path(out)
+    records_path = out / "records.jsonl"
+    records = load_records(manifest, benchmark, format, sets, limit)
+    with launched(device, device_map) as world:
+        casa = load(model, adapter, device=world.device(device), dtype=dtype, kernel=kernel,
+                    trust_remote_code=trust_remote_code, device_map=device_map,
+                    max_audio_seconds=max_audio_seconds)
+        if on_loaded:
+            on_loaded(casa)
+        if render:
+            if "image" not in casa.backbone.modalities:
+                raise NotAnImageModel(f"{casa.backbone.source} ({casa.backbone.family}) takes no "
+                                      "images, so FigStep images cannot be evaluated on it; pick "
+                                      "an image model with --model")
+            records = figstep_on_every_rank(records, out / "figstep", world)
+        judge, judge_name = load_judge(judge_model, world.device(device), trust_remote_code)
+
+        # Under torchrun each rank answers its share of the prompts (every defence of a prompt
+        # on one rank) into its own part file; rank 0 merges them into records.jsonl.
+        by_id = {r["id"]: r for r in records}
+        with Shard(world, [to_sample(r) for r in records], len(records), records_path, resume,
+                   keys=lambda sample: [(d, sample.id) for d in defences],
+                   record_key=result_key) as job:
+            with RecordWriter(job.path, resume=resume) as writer, \
+                    job.progress("eval", per_sample=len(defences)) as advance:
+                for result in answer_all(casa, [by_id[s.id] for s in job.samples], defences, judge,
+                                         DecodeOptions(max_new_tokens), threshold, truncate,
+                                         skip=job.already_done):
+                    writer.write(result)
+                    advance(1)
+                    if on_result:
+                        on_result(result)
+            job.finish([])
+        # Metrics come from the merged records, never from averages over ranks.
+        results = collect(records_path, records, defences) if world.main else []
+        failed = world.sum({"failed": sum(1 for r in results if "error" in r)})["failed"]
+    if not world.main:
+        return Report(metrics=None, paths={}, results=0, failed=failed)
+    source = str(manifest) if manifest else str(benchmark) if benchmark else ", ".join(sets)
+    metrics = summarise(results, casa, judge_name, threshold, prompt_source=source,
+                        render=render, limit=limit, max_new_tokens=max_new_tokens)
+    paths = write_outputs(metrics, out, title=f"casa eval: {casa.backbone.source}")
+    return Report(metrics, {"records": records_path, **paths}, len(results), failed)
+
+
+def figstep_on_every_rank(records: list[dict], folder: Path, world: World) -> list[dict]:
+    """`figstep_records` into `folder`, with its manifest: one process draws the images, the
+    others wait for it, then name them."""
+    if world.main:
+        rendered = figstep_records(records, folder)
+        write_manifest(rendered, folder / "manifest.jsonl")
+    world.barrier()
+    if not world.main:
+        rendered = figstep_records(records, folder, write=False)
+    return rendered

@@ -12,8 +12,10 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from casa_cli.adapter import fingerprint, peft_quietly
-from casa_cli.backbone import Backbone, cache_dir
+from casa_cli.adapter import peft_quietly
+from casa_cli.fingerprint import fingerprint
+from casa_cli.backbone import Backbone
+from casa_cli.cache import answers_file
 from casa_cli.head import SafetyHead
 from casa_cli.inputs import InputError, Sample
 
@@ -52,15 +54,26 @@ def decoder_targets(model: torch.nn.Module) -> list[str]:
     return names
 
 
+def _cached_answer(line: str) -> tuple[str, str] | None:
+    """(key, answer) of one line of the answers cache; None for a line torn by a kill
+    (it is answered again)."""
+    try:
+        record = json.loads(line)
+        return record["key"], record["answer"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def self_answers(backbone: Backbone, samples: list[Sample], max_new_tokens: int) -> list[str]:
     """The base model's own greedy answers (self-distillation targets), cached on disk."""
-    path = cache_dir() / "answers" / f"{fingerprint(backbone)}-{max_new_tokens}.jsonl"
-    known = {}
-    if path.is_file():
-        known = {r["key"]: r["answer"] for r in map(json.loads, path.read_text().splitlines())}
+    path = answers_file(fingerprint(backbone), max_new_tokens)
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    known = dict(line for line in map(_cached_answer, text.splitlines()) if line)
     keys = [s.key for s in samples]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as cache:
+        if text and not text.endswith("\n"):
+            cache.write("\n")  # a run killed mid-line: start on a fresh line
         for sample, key in zip(samples, keys):
             if key not in known:
                 batch = backbone.encode([sample], reserve=max_new_tokens + 1)

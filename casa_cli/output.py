@@ -84,11 +84,6 @@ def read_records(path: Path) -> Iterator[dict]:
                 yield record
 
 
-def done_ids(path: Path) -> set[str]:
-    """Ids already done in an output file: error records do not count, so --resume
-    retries them (a torn last line from a killed run is ignored too)."""
-    return {record["id"] for record in read_records(path) if "error" not in record}
-
 
 def refuse_overwrite(outputs: Iterable[Path], inputs: Iterable[Path]) -> None:
     """OutputError if an output is the same file as an input (through a link or another

@@ -279,7 +279,7 @@ def measure_defenses(casa: Casa, sample: Sample, tokens: int, batch: int, grid: 
             runs["guard"][-1]["guard_vs_casa"] = guard["safety_ms"] / casa_run["safety_ms"]
     rows = []
     for defense, done in runs.items():
-        row = {"defense": defense, "prompt_tokens": tokens, "batch": batch}
+        row = {"defence": defense, "prompt_tokens": tokens, "batch": batch}
         for key in done[0]:
             values = [run[key] for run in done]
             # Token counts are the same in every run; timings get their median and range.
@@ -367,7 +367,7 @@ def write_chart(report: dict, path: Path) -> Path:
                              squeeze=False)
     for ax, (tokens, batch) in zip(axes[0], points):
         rows = [r for r in report["rows"] if (r["prompt_tokens"], r["batch"]) == (tokens, batch)]
-        names = [r["defense"] for r in rows]
+        names = [r["defence"] for r in rows]
         bottom = [0.0] * len(rows)
         for index, (stage, colour) in enumerate(STAGES):
             heights = [stage_ms(r, report["new_tokens"])[index] for r in rows]

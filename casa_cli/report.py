@@ -1,4 +1,5 @@
-"""Reports comparing defences: a Markdown file, a terminal table and two PNG plots.
+"""Reports comparing defences: a Markdown file, a terminal table and two PNG plots of their
+safety (`casa eval`); the terminal tables of their cost (`casa profile`, `print_costs`).
 
 Input is ``metrics.defence_metrics``' shape: ``{defence: {"attack_success_rate",
 "over_refusal_rate", "n_harmful", "n_benign", and for scored defences "auroc", "f1",
@@ -10,6 +11,7 @@ importing this module never switches the process-wide pyplot backend.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -30,6 +32,18 @@ COLUMNS = (
     ("tpr_at_5pct_fpr", "TPR@5%\nFPR", True),
 )
 HEADER = ["defence"] + [title for _, title, _ in COLUMNS] + ["n\n(h/b)"]
+
+
+@dataclass
+class Report:
+    """What `casa_cli.evaluate` made. `metrics`: metrics.json's content; `paths`: the files
+    written (records, markdown, roc, tradeoff, metrics); `results` and how many `failed`.
+    Under torchrun only rank 0 writes: the other ranks get no metrics and no paths, and
+    `failed` counts the failures of every rank."""
+    metrics: dict | None
+    paths: dict[str, Path]
+    results: int
+    failed: int
 
 
 def _metric(value, percent: bool) -> str:
@@ -130,3 +144,50 @@ def write_report(metrics: Mapping[str, Mapping], out_dir: str | Path,
     markdown = out / "report.md"
     markdown.write_text("\n".join(parts), encoding="utf-8")
     return {"markdown": markdown, "roc": roc, "tradeoff": tradeoff}
+
+
+# --- casa profile -----------------------------------------------------------------------
+COST_COLUMNS = ["prompt", "batch", "defence", "input tokens", "prefill ms", "safety ms",
+                "first token ms", "decode tok/s", "x prefill", "x first token", "x per token",
+                "safety % of prefill", "guard / casa"]
+INPUT_COST_COLUMNS = ["prompt", "batch", "input tokens", "prepare ms", "head us (torch)",
+                      "head us (triton)"]
+
+
+def _number(value: float) -> str:
+    """Three significant digits, without exponents for large timings."""
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+def _spread(stat: dict | None) -> str:
+    """median [min-max]"""
+    if stat is None:
+        return ""
+    return f"{_number(stat['median'])} [{_number(stat['min'])}-{_number(stat['max'])}]"
+
+
+def _median(stat: dict | None) -> str:
+    return "" if stat is None else _number(stat["median"])
+
+
+def print_costs(report: dict) -> None:
+    """`profiling.profile`'s report on the terminal: each defence's timings and ratios to
+    none, the inputs and the safety head alone, and the environment."""
+    rows = [{"prompt": r["prompt_tokens"], "batch": r["batch"], "defence": r["defence"],
+             "input tokens": r["input_tokens"], "prefill ms": _spread(r["prefill_ms"]),
+             "safety ms": _spread(r.get("safety_ms")), "first token ms": _spread(r["first_token_ms"]),
+             "decode tok/s": _spread(r["decode_tokens_per_s"]),
+             "x prefill": _median(r["prefill_ratio"]), "x first token": _median(r["first_token_ratio"]),
+             "x per token": _median(r["decode_cost_ratio"]),
+             "safety % of prefill": _median(r.get("safety_pct_of_prefill")),
+             "guard / casa": _median(r.get("guard_vs_casa"))} for r in report["rows"]]
+    output.print_table(rows, COST_COLUMNS, title=f"casa profile: {report['repeats']} repeats, "
+                       f"{report['new_tokens']} new tokens; median [min-max], ratios are x none")
+    inputs = [{"prompt": i["prompt_tokens"], "batch": i["batch"], "input tokens": i["input_tokens"],
+               "prepare ms": _spread(i["prepare_ms"]),
+               "head us (torch)": _spread(i["safety_head_us"].get("torch")),
+               "head us (triton)": _spread(i["safety_head_us"].get("triton"))}
+              for i in report["inputs"]]
+    output.print_table(inputs, INPUT_COST_COLUMNS, title="inputs and the safety head alone")
+    output.print_fields({k: v for k, v in report.items() if k not in ("rows", "inputs")},
+                        title="environment")

@@ -25,12 +25,13 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from casa_cli.adapter import AdapterConfig, fingerprint, init_adapter
-from casa_cli.backbone import Backbone, cache_dir
+from casa_cli.adapter import AdapterConfig, init_adapter
+from casa_cli.backbone import Backbone
 from casa_cli.head import SafetyHead, gated_logits
 from casa_cli.inputs import InputError, Sample, normalise_label, read_manifest
 from casa_cli.lora import fit_lora
 from casa_cli.metrics import auroc_standard_error, score_metrics, tpr_at_fpr
+from casa_cli.states import layer_states, prompt_states
 
 MODES = ("head", "lora")
 VARIANTS = ("full", "token", "attention")
@@ -87,72 +88,6 @@ def read_examples(paths: list[Path]) -> list[Sample]:
     if not samples:
         raise InputError("no training examples")
     return samples
-
-
-# --- hidden states, computed once ------------------------------------------------------
-def states_folder(backbone: Backbone, layer: int | None, model_key: str | None = None) -> Path:
-    """Where the states of decoder layer `layer` (None or the last: the final norm's output)
-    are cached: one folder per base model (`model_key`: its `fingerprint`, computed when not
-    given) and layer, one file per prompt."""
-    suffix = "" if layer is None or layer == backbone.num_layers else f"-layer{layer}"
-    return cache_dir() / "states" / ((model_key or fingerprint(backbone)) + suffix)
-
-
-def prompt_states(backbone: Backbone, samples: list[Sample], batch_size: int = 16,
-                  on_batch: Callable[[int], None] | None = None,
-                  cache: bool = True) -> list[torch.Tensor]:
-    """Each prompt's hidden states (T_i, d) in float16 at the layer the head reads
-    (`backbone.head_layer`), cached on disk one file per base model, layer and prompt, so
-    any subset or superset of a set reuses what was computed (`cache=False` for a backbone
-    carrying trained LoRA weights)."""
-    layer = backbone.head_layer or backbone.num_layers
-    return layer_states(backbone, samples, [layer], batch_size, on_batch, cache)[layer]
-
-
-def layer_states(backbone: Backbone, samples: list[Sample], layers: list[int],
-                 batch_size: int = 16, on_batch: Callable[[int], None] | None = None,
-                 cache: bool = True, keep: bool = True) -> dict[int, list[torch.Tensor]]:
-    """Each prompt's states at each of `layers` (1-based; the last is the final norm's
-    output), {layer: [(T_i, d) float16]}. What the cache lacks comes from ONE prefill per
-    prompt that misses any of the layers, hooks on all of them at once. `keep=False` (with
-    the cache) only makes sure every state is on disk and returns nothing: a sweep over
-    many layers then loads one layer at a time instead of holding them all in memory."""
-    from safetensors.torch import load_file, save_file
-
-    if not cache and not keep:
-        raise ValueError("keep=False needs the cache")
-    layers = sorted(set(layers))
-    model_key = fingerprint(backbone)
-    folders = {layer: states_folder(backbone, layer, model_key) for layer in layers}
-    keys = [s.key for s in samples]
-    paths = {layer: [folders[layer] / f"{key}.safetensors" for key in keys] for layer in layers}
-    have = {layer: [cache and p.is_file() for p in paths[layer]] for layer in layers}
-    states = {layer: [load_file(str(p))["H"] if keep and found else None
-                      for p, found in zip(paths[layer], have[layer])] for layer in layers}
-    missing = [i for i in range(len(samples)) if not all(have[layer][i] for layer in layers)]
-    if on_batch and len(missing) < len(samples):
-        on_batch(len(samples) - len(missing))
-    missing.sort(key=lambda i: len(samples[i].text))  # similar lengths batch with less padding
-    for start in range(0, len(missing), batch_size):
-        chunk = missing[start:start + batch_size]
-        wanted = [layer for layer in layers if not all(have[layer][i] for i in chunk)]
-        prefill = backbone.prefill(backbone.encode([samples[i] for i in chunk]), capture=False,
-                                   layers=wanted)
-        for layer in wanted:
-            if cache:
-                folders[layer].mkdir(parents=True, exist_ok=True)
-            for row, index in enumerate(chunk):
-                if have[layer][index]:
-                    continue
-                H = prefill.layers[layer][row][prefill.mask[row]].to("cpu", torch.float16).clone()
-                if cache:
-                    save_file({"H": H}, str(paths[layer][index]))
-                if keep:
-                    states[layer][index] = H
-        del prefill
-        if on_batch:
-            on_batch(len(chunk))
-    return states if keep else {}
 
 
 def candidate_layers(num_layers: int) -> list[int]:

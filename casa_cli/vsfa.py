@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from casa_cli.adapter import AdapterConfig, init_adapter
 from casa_cli.backbone import Backbone
-from casa_cli.data.assemble import lower_first, upper_first
+from casa_cli.data.forms import lower_first, upper_first
 from casa_cli.head import SafetyHead
 from casa_cli.inputs import IMAGE_SUFFIXES, InputError, Sample, read_manifest
 from casa_cli.judges import is_refusal

@@ -18,7 +18,7 @@ def casa_process(*args, **kwargs):
 @pytest.fixture(scope="module")
 def default_cached():
     """Make sure the safetensors cache exists (first use converts the GGUF, ~25 s)."""
-    from casa_cli.backbone import embedded_default_dir
+    from casa_cli.model_sources import embedded_default_dir
     return embedded_default_dir()
 
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import casa_cli
-from casa_cli.adapter import CONFIG_FILE, fingerprint, init_adapter, save_adapter
+from casa_cli.adapter import CONFIG_FILE, init_adapter, save_adapter
+from casa_cli.fingerprint import fingerprint
 from casa_cli.backbone import load_backbone
 from casa_cli.inputs import prompt_sample
 from casa_cli.lora import self_answers
-from casa_cli.training import prompt_states
+from casa_cli.states import prompt_states
 
 PROMPTS = ["a quiet river under the stone bridge", "tell me a joke about cats", "hi"]
 
@@ -151,3 +152,22 @@ def test_shipped_adapter_loads_on_the_default_in_float32_and_bfloat16():
         model = casa_cli.load(dtype=dtype)
         assert model.trained and model.config.fingerprint.startswith("w1-")
         assert model.config.fingerprint == fingerprint(model.backbone)
+
+
+def test_caches_survive_a_run_killed_mid_write(base, tmp_path, monkeypatch):
+    """A kill mid-append leaves a torn last line in the answers cache: the next run answers
+    that prompt again and appends on a fresh line. State files are renamed into place, so
+    none is ever read half-written (no temporary file is left behind either)."""
+    monkeypatch.setenv("CASA_CACHE_DIR", str(tmp_path / "cache"))
+    samples = [prompt_sample(text) for text in PROMPTS]
+    backbone = load_backbone(str(base))
+    first = self_answers(backbone, samples[:2], max_new_tokens=2)
+    path = tmp_path / "cache" / "answers" / f"{fingerprint(backbone)}-2.jsonl"
+    whole = path.read_text().splitlines()
+    path.write_text(whole[0] + "\n" + whole[1][: len(whole[1]) // 2])  # torn by a kill
+    assert self_answers(backbone, samples, max_new_tokens=2)[:2] == first
+    lines = [json.loads(line) for line in path.read_text().splitlines()[2:]]
+    assert [r["key"] for r in lines] == [s.key for s in samples[1:]]
+    prompt_states(backbone, samples)
+    files = [p.name for p in (tmp_path / "cache" / "states").rglob("*") if p.is_file()]
+    assert len(files) == len(samples) and all(f.endswith(".safetensors") for f in files)

@@ -78,7 +78,7 @@ def test_casa_through_the_cli_safe_and_unsafe(tiny_model, casa, tmp_path):
     assert plain.code == 0, plain.stderr
     (plain,) = plain.records()
     (passed,) = casa(*common, "--adapter", safe).records()  # a trained adapter: casa by default
-    assert (passed["defense"], passed["verdict"], passed["refused"]) == ("casa", "safe", False)
+    assert (passed["defence"], passed["verdict"], passed["refused"]) == ("casa", "safe", False)
     assert passed["text"] == plain["text"] and passed["new_tokens"] == plain["new_tokens"]
     (refused,) = casa(*common, "--adapter", unsafe).records()
     assert (refused["verdict"], refused["refused"]) == ("unsafe", True)
@@ -187,7 +187,7 @@ def test_manifest_survives_a_failing_record_and_resumes(tiny_model, casa, tmp_pa
     assert result.code == 4, result.stderr
     records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert list(records) == ["ok-1", "image-to-text-model", "empty", "ok-2"]
-    assert records["ok-1"]["defense"] == "coca" and records["ok-2"]["new_tokens"] == 4
+    assert records["ok-1"]["defence"] == "coca" and records["ok-2"]["new_tokens"] == 4
     assert "does not accept image input" in records["image-to-text-model"]["error"]
     assert "empty prompt" in records["empty"]["error"]
     out.write_text(out.read_text().splitlines(keepends=True)[0])  # as if killed after one

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from casa_cli import backbone as backbone_module, pipeline
+from casa_cli import backbone as backbone_module, pipeline, recipes
 from casa_cli.backbone import load_backbone
 from casa_cli.inputs import prompt_sample
 from casa_cli.training import candidate_layers, choose_layer
@@ -91,9 +91,11 @@ def planted(deep_model, tmp_path, monkeypatch):
         layers[PLANTED].register_forward_pre_hook(remove, with_kwargs=True)
         return backbone
 
-    # pipeline holds its own reference: patched too, so a later test never inherits this one.
+    # pipeline and recipes (casa_cli.train) hold their own references: patched too, so
+    # training loads the planted model and a later test never inherits this one.
     monkeypatch.setattr(backbone_module, "load_backbone", planted_load)
     monkeypatch.setattr(pipeline, "load_backbone", planted_load)
+    monkeypatch.setattr(recipes, "load_backbone", planted_load)
     return tmp_path, counts
 
 

@@ -212,7 +212,7 @@ def test_broken_model_folder_is_one_line_naming_the_file(casa, llama, tmp_path, 
 def test_truncated_gguf_is_one_line_naming_the_file(casa, tmp_path):
     """The embedded default's GGUF cut inside its metadata (the parser then runs off the end
     of the file), and a file with only the GGUF magic and garbage."""
-    from casa_cli.backbone import embedded_gguf
+    from casa_cli.model_sources import embedded_gguf
 
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 40)

@@ -42,18 +42,18 @@ def plausible(stat) -> bool:
 
 def test_every_defence_has_every_figure(profiled):
     report, _ = profiled
-    points = [(r["prompt_tokens"], r["batch"], r["defense"]) for r in report["rows"]]
+    points = [(r["prompt_tokens"], r["batch"], r["defence"]) for r in report["rows"]]
     # none always runs, first: the ratios are against it.
     assert points == [(TOKENS, batch, d) for batch in (1, 2) for d in DEFENSES]
     for row in report["rows"]:
-        for key in TIMED + EXTRA.get(row["defense"], []):
-            assert plausible(row[key]), (row["defense"], key, row.get(key))
+        for key in TIMED + EXTRA.get(row["defence"], []):
+            assert plausible(row[key]), (row["defence"], key, row.get(key))
         assert row["input_tokens"] >= TOKENS
-        if row["defense"] in ("none", "casa", "guard"):  # the user's prompt as it is
+        if row["defence"] in ("none", "casa", "guard"):  # the user's prompt as it is
             assert row["input_tokens"] == TOKENS
-        if row["defense"] == "none":
+        if row["defence"] == "none":
             assert all(row[k]["median"] == 1 for k in TIMED if k.endswith("_ratio"))
-        if row["defense"] == "guard":
+        if row["defence"] == "guard":
             assert row["guard_prompt_tokens"] > TOKENS
     for point in report["inputs"]:
         assert point["input_tokens"] == TOKENS

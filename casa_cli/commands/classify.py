@@ -43,9 +43,7 @@ def command(
     Exit codes: 0 done; 1 runtime error; 2 usage error; 3 unsafe input with
     --fail-on-unsafe (wins over 4); 4 some records failed (error records are in the output).
     """
-    if resume and output is None:
-        raise typer.BadParameter("--resume needs --output FILE", param_hint="--resume")
-    c.check_output(output, manifest, folder, *(image or []), *(audio or []))
+    c.check_output(output, manifest, folder, *(image or []), *(audio or []), resume=resume)
     from casa_cli import distributed  # imports torch: not at module level, for `casa --help`
 
     samples, total = gather(prompt, image or [], audio or [], manifest, folder, folder_prompt)
@@ -60,8 +58,7 @@ def command(
                 for record in casa.classify(job.samples, batch_size=batch_size, threshold=threshold,
                                             truncate=truncate, explain=explain, on_batch=advance):
                     counts[record.get("verdict", "error")] += 1
-                    if "error" in record:
-                        stderr.print(f"error: {record['error']}")
+                    c.show_error(record)
                     if writer:
                         writer.write(record)
                     elif json and job.streaming:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Iterable, Optional
+from typing import Annotated, Iterable, Optional, Sequence
 
 import typer
 
@@ -30,6 +30,31 @@ def Finite(*param_decls: str, positive: bool = False, **options):
     parses "nan" and "inf", and NaN passes every `min`/`max` check, since it compares false.
     `positive` also refuses 0 and below. Other typer.Option arguments pass through."""
     return typer.Option(*param_decls, callback=_positive if positive else _finite, **options)
+
+
+def comma_list(value: str) -> list[str]:
+    """The items of an option such as `--defenses none,casa`, stripped; empty ones dropped."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def parse_layer(value: str | None) -> int | str | None:
+    """`casa train --layer`: "auto", "last" (None: the final norm) or a layer number from 1."""
+    value = (value or "auto").strip().lower()
+    if value in ("auto", "last"):
+        return None if value == "last" else value
+    if not value.isdigit() or int(value) < 1:
+        raise typer.BadParameter(f"use auto, last or a layer number from 1, not {value!r}")
+    return int(value)
+
+
+def parse_layers(value: str | None) -> list[int] | None:
+    """`casa train --layers 9,12,15`: the candidate layers of --layer auto."""
+    if value is None:
+        return None
+    parts = comma_list(value)
+    if not parts or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise typer.BadParameter(f"use layer numbers from 1 separated by commas, not {value!r}")
+    return sorted({int(p) for p in parts})
 
 
 Model = Annotated[Optional[str], typer.Option(
@@ -69,10 +94,18 @@ MaxAudioSeconds = Annotated[Optional[float], Finite(
          "30 s for Whisper-style encoders].")]
 
 
-def check_output(output: Path | None, *inputs: Path | None) -> None:
+def check_choice(value: str | None, choices: Sequence[str], option: str) -> None:
+    """A usage error naming `option` (exit 2) for a value not among `choices`; None passes."""
+    if value is not None and value not in choices:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=option)
+
+
+def check_output(output: Path | None, *inputs: Path | None, resume: bool = False) -> None:
     """Refuse an unusable --output up front (exit 2), before any input is read or any file
     opened for writing: one of this run's `inputs` (a folder counts its media files, what
-    --folder reads), a folder, or a file another process is writing."""
+    --folder reads), a folder, or a file another process is writing; and --resume without it."""
+    if resume and output is None:
+        raise typer.BadParameter("--resume needs --output FILE", param_hint="--resume")
     if output is None:
         return
     refuse_overwrite([output], _input_files(inputs))
@@ -92,18 +125,30 @@ def _input_files(inputs: Iterable[Path | None]) -> list[Path]:
     return files
 
 
+def show_error(record: dict) -> bool:
+    """Name a failed record's error on stderr; True when it failed (for counting)."""
+    if "error" in record:
+        stderr.print(f"error: {record['error']}")
+    return "error" in record
+
+
 def load_casa(model, adapter, device, dtype, kernel, trust_remote_code, device_map=None,
-              max_audio_seconds=None, note=True):
-    """casa_cli.pipeline.load with the commands' options; `note`: say so on stderr when the
-    safety head is untrained (a command whose defence needs no head passes False)."""
+              max_audio_seconds=None):
+    """casa_cli.pipeline.load with the commands' options, saying so on stderr when the
+    safety head is untrained."""
     from casa_cli.pipeline import load
 
     casa = load(model, adapter, device=device, dtype=dtype, kernel=kernel,
                 trust_remote_code=trust_remote_code, device_map=device_map,
                 max_audio_seconds=max_audio_seconds)
-    if note and not casa.trained:
-        note_untrained()
+    note_if_untrained(casa)
     return casa
+
+
+def note_if_untrained(casa) -> None:
+    """`note_untrained`, when the loaded `casa` has no trained adapter."""
+    if not casa.trained:
+        note_untrained()
 
 
 def note_untrained(consequence: str = "verdicts are only the LM's own safe/unsafe log-odds") -> None:

@@ -61,71 +61,39 @@ def command(
       torchrun --nproc-per-node 4 -m casa_cli eval --set harmbench --out eval/
 
     Exit codes: 0 done; 1 runtime error; 2 usage error or malformed benchmark; 4 some prompts failed (error records are in records.jsonl)."""
-    from casa_cli import distributed
-    from casa_cli.decoding import DEFENSES, DecodeOptions
-    from casa_cli.evaluation import (RENDERERS, collect, evaluate, figstep_records, load_judge,
-                                     load_records, result_key, summarise, to_sample,
-                                     write_manifest, write_outputs)
+    from casa_cli.decoding import DEFENSES
+    from casa_cli.evaluation import RENDERERS, NotAnImageModel, evaluate
     from casa_cli.report import print_table
 
-    names = [d.strip() for d in defenses.split(",") if d.strip()]
+    names = c.comma_list(defenses)
     bad = [d for d in names if d not in DEFENSES]
     if bad or not names or len(set(names)) != len(names):
         raise typer.BadParameter(f"{defenses!r}: give distinct names from {', '.join(DEFENSES)}",
                                  param_hint="--defenses")
-    if render is not None and render not in RENDERERS:
-        raise typer.BadParameter(f"{render!r} is not one of {', '.join(RENDERERS)}", param_hint="--render")
+    c.check_choice(render, RENDERERS, "--render")
     if format is not None and benchmark is None:
         raise typer.BadParameter("--format goes with --benchmark", param_hint="--format")
-    records_path = out / "records.jsonl"
-    c.check_output(records_path, manifest, benchmark)
-    records = load_records(manifest, benchmark, format, set_names or [], limit)
+    c.check_output(out / "records.jsonl", manifest, benchmark)
 
-    with distributed.launched(device, device_map) as world:
-        casa = c.load_casa(model, adapter, world.device(device), dtype, kernel, trust_remote_code,
-                           device_map, max_audio_seconds=max_audio_seconds)
-        if render:
-            if "image" not in casa.backbone.modalities:
-                raise typer.BadParameter(
-                    f"{casa.backbone.source} ({casa.backbone.family}) takes no images, so FigStep "
-                    "images cannot be evaluated on it; pick an image model with --model",
-                    param_hint="--render")
-            if world.main:  # one process draws the images; the others wait, then name them
-                records = figstep_records(records, out / "figstep")
-                write_manifest(records, out / "figstep" / "manifest.jsonl")
-            world.barrier()
-            if not world.main:
-                records = figstep_records(records, out / "figstep", write=False)
-        judge, judge_name = load_judge(judge_model, world.device(device), trust_remote_code)
+    def show(result: dict) -> None:
+        if "error" in result:
+            stderr.print(f"error: {result['defence']}: {result['error']}")
 
-        # Under torchrun each rank answers its share of the prompts (every defence of a prompt
-        # on one rank) into its own part file; rank 0 merges them into records.jsonl.
-        by_id = {r["id"]: r for r in records}
-        with distributed.Shard(world, [to_sample(r) for r in records], len(records), records_path,
-                               resume, keys=lambda sample: [(d, sample.id) for d in names],
-                               record_key=result_key) as job:
-            with job.progress("eval", per_sample=len(names)) as advance:
-                def show(result: dict) -> None:
-                    advance(1)
-                    if "error" in result:
-                        stderr.print(f"error: {result['defence']}: {result['error']}")
-
-                evaluate(casa, [by_id[s.id] for s in job.samples], names, job.path,
-                         judge, DecodeOptions(max_new_tokens), threshold, truncate, resume, show)
-            job.finish([])
-        # Metrics come from the merged records, never from averages over ranks.
-        results = collect(records_path, records, names) if world.main else []
-        failed = world.sum({"failed": sum(1 for r in results if "error" in r)})["failed"]
-    if world.main:
-        source = (str(manifest) if manifest else str(benchmark) if benchmark
-                  else ", ".join(set_names or []))
-        metrics = summarise(results, casa, judge_name, threshold, prompt_source=source,
-                            render=render, limit=limit, max_new_tokens=max_new_tokens)
-        paths = write_outputs(metrics, out, title=f"casa eval: {casa.backbone.source}")
+    try:
+        report = evaluate(out, model, adapter, manifest=manifest, benchmark=benchmark, format=format,
+                          sets=set_names or [], limit=limit, defences=names, render=render,
+                          max_new_tokens=max_new_tokens, threshold=threshold, judge_model=judge_model,
+                          device=device, device_map=device_map, dtype=dtype, kernel=kernel,
+                          trust_remote_code=trust_remote_code, truncate=truncate,
+                          max_audio_seconds=max_audio_seconds, resume=resume,
+                          on_loaded=c.note_if_untrained, on_result=show)
+    except NotAnImageModel as err:
+        raise typer.BadParameter(str(err), param_hint="--render") from None
+    if report.metrics is not None:  # rank 0 (under torchrun, the others only count failures)
         if json:
-            print_json(metrics)
+            print_json(report.metrics)
         else:
-            print_table(metrics["defences"])
-        stderr.print(f"{len(results)} results ({failed} failed) -> {paths['markdown']}")
-    if failed:
+            print_table(report.metrics["defences"])
+        stderr.print(f"{report.results} results ({report.failed} failed) -> {report.paths['markdown']}")
+    if report.failed:
         raise typer.Exit(c.EXIT_PARTIAL)

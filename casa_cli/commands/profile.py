@@ -7,14 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from casa_cli.commands import common as c
-from casa_cli.output import print_fields, print_json, print_table, progress
-
-COLUMNS = ["prompt", "batch", "defense", "input tokens", "prefill ms", "safety ms",
-           "first token ms", "decode tok/s", "x prefill", "x first token", "x per token",
-           "safety % of prefill", "guard / casa"]
-INPUT_COLUMNS = ["prompt", "batch", "input tokens", "prepare ms", "head us (torch)",
-                 "head us (triton)"]
-
+from casa_cli.output import print_json, progress
 
 def command(
     defenses: Annotated[str, typer.Option(
@@ -54,6 +47,7 @@ def command(
       casa profile --prompt-tokens 512 --batch 1 --repeats 1 --trace traces/
     """
     from casa_cli import profiling
+    from casa_cli.report import print_costs
 
     grid = profiling.Grid(defenses=tuple(split(defenses, str, "--defenses")),
                           prompt_tokens=tuple(split(prompt_tokens, int, "--prompt-tokens")),
@@ -72,52 +66,15 @@ def command(
     if json:
         print_json(report)
         return
-    show(report)
+    print_costs(report)
 
 
 def split(value: str, kind, option: str) -> list:
     try:
-        items = [kind(item.strip()) for item in value.split(",") if item.strip()]
+        items = [kind(item) for item in c.comma_list(value)]
     except ValueError:
         raise typer.BadParameter(f"{value!r} is not a comma list of {kind.__name__}s",
                                  param_hint=option) from None
     if not items:
         raise typer.BadParameter("give at least one value", param_hint=option)
     return items
-
-
-def number(value: float) -> str:
-    """Three significant digits, without exponents for large timings."""
-    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
-
-
-def spread(stat: dict | None) -> str:
-    """median [min-max]"""
-    if stat is None:
-        return ""
-    return f"{number(stat['median'])} [{number(stat['min'])}-{number(stat['max'])}]"
-
-
-def median(stat: dict | None) -> str:
-    return "" if stat is None else number(stat["median"])
-
-
-def show(report: dict) -> None:
-    rows = [{"prompt": r["prompt_tokens"], "batch": r["batch"], "defense": r["defense"],
-             "input tokens": r["input_tokens"], "prefill ms": spread(r["prefill_ms"]),
-             "safety ms": spread(r.get("safety_ms")), "first token ms": spread(r["first_token_ms"]),
-             "decode tok/s": spread(r["decode_tokens_per_s"]),
-             "x prefill": median(r["prefill_ratio"]), "x first token": median(r["first_token_ratio"]),
-             "x per token": median(r["decode_cost_ratio"]),
-             "safety % of prefill": median(r.get("safety_pct_of_prefill")),
-             "guard / casa": median(r.get("guard_vs_casa"))} for r in report["rows"]]
-    print_table(rows, COLUMNS, title=f"casa profile: {report['repeats']} repeats, "
-                f"{report['new_tokens']} new tokens; median [min-max], ratios are x none")
-    inputs = [{"prompt": i["prompt_tokens"], "batch": i["batch"], "input tokens": i["input_tokens"],
-               "prepare ms": spread(i["prepare_ms"]),
-               "head us (torch)": spread(i["safety_head_us"].get("torch")),
-               "head us (triton)": spread(i["safety_head_us"].get("triton"))}
-              for i in report["inputs"]]
-    print_table(inputs, INPUT_COLUMNS, title="inputs and the safety head alone")
-    print_fields({k: v for k, v in report.items() if k not in ("rows", "inputs")},
-                 title="environment")

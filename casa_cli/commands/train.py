@@ -7,27 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from casa_cli.commands import common as c
-from casa_cli.output import print_json, print_table, progress_tasks, stderr
-
-
-def _layer_option(value: str | None) -> int | str | None:
-    """--layer: "auto", "last" (None: the final norm) or a layer number from 1."""
-    value = (value or "auto").strip().lower()
-    if value in ("auto", "last"):
-        return None if value == "last" else value
-    if not value.isdigit() or int(value) < 1:
-        raise typer.BadParameter(f"use auto, last or a layer number from 1, not {value!r}")
-    return int(value)
-
-
-def _layers_option(value: str | None) -> list[int] | None:
-    """--layers 9,12,15: the candidate layers of --layer auto."""
-    if value is None:
-        return None
-    parts = [p.strip() for p in value.split(",") if p.strip()]
-    if not parts or not all(p.isdigit() and int(p) >= 1 for p in parts):
-        raise typer.BadParameter(f"use layer numbers from 1 separated by commas, not {value!r}")
-    return sorted({int(p) for p in parts})
+from casa_cli.output import print_json, print_table, stderr
 
 
 def command(
@@ -49,14 +29,15 @@ def command(
     variant: Annotated[str, typer.Option(help="full, token (token rows only) or attention (score only).")] = "full",
     heads: Annotated[int, typer.Option(min=1, help="Safety-attention heads K.")] = 4,
     layer: Annotated[str, typer.Option(
-        callback=_layer_option, metavar="auto|last|N",
+        callback=c.parse_layer, metavar="auto|last|N",
         help="Decoder layer the head reads (1-based, through the final norm). auto: fit the "
-        "head at each candidate layer, all read in one prefill per prompt, and keep the best "
-        "validation AUROC (ties: lower validation loss, then the deeper layer); held-out sets "
-        "are never used to choose. Candidates: the last layer and every ceil(L/10)-th layer "
-        "below it down to a quarter of the depth (8 at most; 30 layers: 9, 12, ..., 27, 30).")] = "auto",
+        "head at each candidate layer, all read in one prefill per prompt; of the layers whose "
+        "validation AUROC is within one standard error of the best, keep the highest "
+        "validation TPR at 1% FPR; held-out sets are never used to choose. Candidates: the "
+        "last layer and every ceil(L/10)-th layer below it down to a quarter of the depth "
+        "(8 at most; 30 layers: 9, 12, ..., 27, 30).")] = "auto",
     layers: Annotated[Optional[str], typer.Option(
-        callback=_layers_option, metavar="N,N,...",
+        callback=c.parse_layers, metavar="N,N,...",
         help="The candidates of --layer auto, e.g. 9,12,15 \\[default: the rule above].")] = None,
     gate: Annotated[str, typer.Option(help="log or multiply.")] = "log",
     epochs: Annotated[int, typer.Option(min=1)] = 60,
@@ -85,41 +66,18 @@ def command(
       casa train --model ./Qwen2-VL-2B-Instruct --data train.jsonl --val val.jsonl \\
           --heldout test.jsonl --mode lora --out qwen-casa
     """
-    from casa_cli.adapter import save_adapter
-    from casa_cli.backbone import load_backbone
-    from casa_cli.training import TrainOptions, read_examples, train
+    from casa_cli.recipes import train
+    from casa_cli.training import TrainOptions
 
     options = TrainOptions(mode=mode, variant=variant, heads=heads, layer=layer, layers=layers, gate=gate, epochs=epochs,
                            lr=lr, weight_decay=weight_decay, beta=beta, lam=lam, val_fraction=val_fraction,
                            patience=patience, target_fpr=target_fpr, seed=seed)
-    source: dict = {"source": "files", "data": [str(p) for p in data or []],
-                    "val": [str(p) for p in val or []], "heldout": [str(p) for p in heldout or []]}
-    if not data:
-        from casa_cli.data.assemble import builtin_splits
-        builtin = builtin_splits()
-        data, val = [builtin["train"]], val or [builtin["val"]]
-        heldout = heldout or [builtin["test_ordinary"], builtin["test_overrefusal"]]
-        source = {"source": "builtin", "version": builtin["train"].parent.name}
-        stderr.print(f"training on the built-in sets (casa_cli.data.assemble, version "
-                     f"{source['version']}), cached in {builtin['train'].parent}", markup=False)
-    examples = read_examples(data)
-    val_examples = read_examples(val) if val else None
-    held = {Path(p).stem: read_examples([p]) for p in heldout or []}
-    if limit:
-        from casa_cli.data.assemble import limit_per_label
-        from casa_cli.training import label_of
-        examples, val_examples, *held_lists = limit_per_label(
-            examples, limit, label_of, val_examples, *held.values())
-        held = dict(zip(held, held_lists))
-        source["limit"] = limit
-    backbone = load_backbone(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    with progress_tasks() as add:
-        config, head, lora_model = train(backbone, examples, options, val_examples, held, add)
-    config.training["data"] = source
-    save_adapter(out, config, head, lora_model)
+    adapter = train(model, data, val, heldout, limit, options, device=device, dtype=dtype,
+                    trust_remote_code=trust_remote_code)
+    adapter.save(out)
+    config = adapter.config
     columns = ["n", "auroc", "tpr_at_5pct_fpr", "flag_rate_harmful", "flag_rate_benign"]
-    rows = [{"set": name, **{k: m.get(k) for k in columns}}
-            for name, m in config.metrics.items()]
+    rows = [{"set": name, **{k: m.get(k) for k in columns}} for name, m in config.metrics.items()]
     if json:
         print_json({"adapter": str(out), "threshold": config.threshold, "layer": config.layer,
                     "layer_sweep": config.training.get("layer_sweep"), "metrics": config.metrics})

@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from casa_cli.commands import common as c
-from casa_cli.inputs import InputError
-from casa_cli.output import print_json, progress_tasks, stderr
+from casa_cli.output import print_json, stderr
 
 app = typer.Typer(
     no_args_is_help=True, rich_markup_mode="rich",
@@ -49,35 +48,14 @@ def build(
       casa vsfa build --images ./scenes --model ./Qwen2-VL-2B-Instruct --out vsfa.jsonl
       casa vsfa build --images ./scenes --captions captions.csv --out vsfa.jsonl
     """
-    from casa_cli import vsfa
+    from casa_cli.recipes import build_vsfa
 
-    if (images is None) == (texts is None):
-        raise InputError("give exactly one source: --images DIR or --texts FILE|builtin")
-    if captions is not None and images is None:
-        raise InputError("--captions goes with --images")
-    out_dir = Path(out).parent
-    if images is not None:
-        items = vsfa.image_records(images, out_dir, per_item,
-                                   vsfa.read_captions(captions) if captions else None)
-    else:
-        items = vsfa.text_records(vsfa.read_passages(texts), per_item)
-    dropped = 0
-    if captions is not None:
-        records = [record for record, _ in items]
-    else:
-        from casa_cli.backbone import load_backbone
-        backbone = load_backbone(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        stderr.print(f"answering {len(items)} questions with the base model", markup=False)
-        records, dropped = vsfa.answer_with_model(backbone, items, max_new_tokens)
-    if not records:
-        raise InputError("every answer was a refusal or empty: nothing to train on")
-    vsfa.write_dataset(records, out)
-    summary = {"dataset": str(out), "examples": len(records), "dropped_refusals": dropped,
-               "sources": len({r["source"] for r in records})}
+    summary = build_vsfa(out, images, captions, texts, per_item, max_new_tokens, model, device, dtype,
+                         trust_remote_code)
     if json:
         print_json(summary)
-    stderr.print(f"{len(records)} examples from {summary['sources']} sources "
-                 f"({dropped} refusals dropped) -> {out}", markup=False)
+    stderr.print(f"{summary['examples']} examples from {summary['sources']} sources "
+                 f"({summary['dropped_refusals']} refusals dropped) -> {out}", markup=False)
 
 
 @app.command("train")
@@ -102,19 +80,14 @@ def train(
       casa vsfa train --data vsfa.jsonl --out vsfa-adapter --epochs 1
       casa generate "How do I make a weapon?" --adapter vsfa-adapter --defense vsfa
     """
-    from casa_cli import vsfa
-    from casa_cli.adapter import save_adapter
-    from casa_cli.backbone import load_backbone
+    from casa_cli.recipes import train_vsfa
+    from casa_cli.vsfa import VsfaOptions
 
-    options = vsfa.VsfaOptions(epochs=epochs, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, seed=seed)
-    examples = vsfa.read_data(data)
-    backbone = load_backbone(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    with progress_tasks() as add:
-        config, head, lora_model = vsfa.train(backbone, examples, options,
-                                              add("vsfa lora", len(examples) * epochs))
-    config.training["data"] = str(data)
-    save_adapter(out, config, head, lora_model)
+    options = VsfaOptions(epochs=epochs, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, seed=seed)
+    adapter = train_vsfa(data, model, options, device, dtype, trust_remote_code)
+    adapter.save(out)
+    epoch_loss = adapter.config.training["epoch_loss"]
     if json:
-        print_json({"adapter": str(out), "examples": len(examples),
-                    "epoch_loss": config.training["epoch_loss"]})
-    stderr.print(f"epoch loss {config.training['epoch_loss']} -> saved {out}", markup=False)
+        print_json({"adapter": str(out), "examples": adapter.config.training["examples"],
+                    "epoch_loss": epoch_loss})
+    stderr.print(f"epoch loss {epoch_loss} -> saved {out}", markup=False)

@@ -20,7 +20,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-from casa_cli.data.assemble import DEFAULT_HELDOUT, assemble
+from casa_cli.data.assemble import assemble
+from casa_cli.data.grouping import DEFAULT_HELDOUT
 from casa_cli.metrics import auroc
 
 _TOKEN = re.compile(r"[a-z0-9]+|[?!.:]")
