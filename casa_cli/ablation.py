@@ -85,8 +85,7 @@ def main(argv=None) -> None:
     backbone = load_backbone(args.model)
     if args.layer_of:
         args.layer = json.loads((args.layer_of / "casa_config.json").read_text()).get("layer")
-    backbone.read_layer(args.layer)
-    states = {k: prompt_states(backbone, v) for k, v in samples.items()}
+    states = {k: prompt_states(backbone, v, args.layer) for k, v in samples.items()}
     rows.append(row("linear probe, mean-pooled states", pooled_probe(states, labels), labels, args.target_fpr))
     for name, variant, gate in (("safety token only", "token", "log"),
                                 ("attention only", "attention", "log"),

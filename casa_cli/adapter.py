@@ -202,8 +202,8 @@ def read_config(directory: Path) -> AdapterConfig:
 
 
 def load_adapter(directory: Path, backbone) -> tuple[AdapterConfig, SafetyHead]:
-    """Read an adapter, check it belongs to `backbone` (refusing a mismatch clearly) and
-    point the backbone at the layer the head reads."""
+    """Read an adapter and check it belongs to `backbone` (refusing a mismatch clearly),
+    the layer its head reads included (callers pass `config.layer` to each prefill)."""
     directory = Path(directory)
     config = read_config(directory)
     # An adapter from before weight fingerprints is refused, not accepted on its old check
@@ -225,7 +225,7 @@ def load_adapter(directory: Path, backbone) -> tuple[AdapterConfig, SafetyHead]:
                          f"(fingerprint {config.fingerprint}), not this model "
                          f"{backbone.source} (fingerprint {actual}){hint}")
     try:
-        backbone.read_layer(config.layer)
+        backbone.resolve_layer(config.layer)
     except InputError as err:
         raise InputError(f"{directory}: {err}") from None
     path = directory / HEAD_FILE

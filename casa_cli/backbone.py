@@ -31,6 +31,9 @@ class Prepared:
     text: str  # the prompt through the chat template
     media: dict = field(default_factory=dict)  # decoded "images" / "audio" (`load_media`)
     truncated: bool = False  # the middle of the user's text was cut to fit the context
+    # A text-only model's tokens for `text` (the tokenizer's output, special tokens added),
+    # from the context check; `collate` pads them into the batch (see `tokenise`).
+    tokens: dict | None = None
 
 
 @dataclass
@@ -54,9 +57,6 @@ class Backbone:
     load_seconds: float = 0.0
     import_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
-    # The decoder layer (1-based) whose output the safety head reads, through the final
-    # norm; None reads the last layer (docs/design.md §2). Set with `read_layer`.
-    head_layer: int | None = None
     # Longest audio clip accepted, in seconds; None: the audio encoder's own window.
     max_audio_seconds: float | None = None
 
@@ -108,12 +108,15 @@ class Backbone:
     def decoder_layers(self) -> torch.nn.ModuleList:
         return self.model.get_decoder().layers
 
-    def read_layer(self, layer: int | None) -> None:
-        """Make the head read decoder layer `layer` (None or the last: the final norm)."""
-        if layer is not None and not 1 <= layer <= self.num_layers:
+    def resolve_layer(self, layer: int | None) -> int:
+        """The decoder layer (1-based) that an adapter's `layer` names, None naming the last
+        (docs/design.md §2); an InputError if this model has no such layer."""
+        if layer is None:
+            return self.num_layers
+        if not 1 <= layer <= self.num_layers:
             raise InputError(f"layer {layer} is out of range: this model has layers 1 to "
                              f"{self.num_layers}")
-        self.head_layer = None if layer == self.num_layers else layer
+        return layer
 
     # --- inputs ----------------------------------------------------------------------
     @cached_property
@@ -184,8 +187,7 @@ class Backbone:
         token, any new tokens)."""
         sample.check()
         self.check_modalities(sample)
-        text, truncated = self.fit_context(sample, truncate, reserve)
-        prepared = Prepared(sample, text, truncated=truncated)
+        prepared = self.fit_context(sample, truncate, reserve)
         if decode_media:
             self.load_media(prepared)
         return prepared
@@ -195,6 +197,10 @@ class Backbone:
 
     def collate(self, prepared: list[Prepared]):
         """Model inputs for a batch of prepared samples (left padding), on the model's device."""
+        if not self.modalities:  # text-only: the tokens the context check made, padded
+            batch = self.tokenizer.pad([p.tokens for p in prepared], padding=True,
+                                       return_tensors="pt")
+            return batch.to(self.device)
         kwargs = {"padding": True, "return_tensors": "pt"}
         # Images nested per prompt: Gemma 3's processor checks each prompt's own count.
         images = [p.media.get("images", []) for p in prepared]
@@ -204,28 +210,23 @@ class Backbone:
         if audio:
             kwargs["audio"] = audio
         texts = [p.text for p in prepared]
-        # Most chat templates write the BOS token themselves; never add a second one.
-        bos = self.tokenizer.bos_token
-        kwargs["add_special_tokens"] = not (bos and texts[0].startswith(bos))
-        if self.modalities:
-            batch = self.processor(text=texts, **kwargs)
-        else:
-            batch = self.tokenizer(texts, **kwargs)
-        return batch.to(self.device)
+        kwargs["add_special_tokens"] = self.adds_special_tokens(texts[0])
+        return self.processor(text=texts, **kwargs).to(self.device)
 
     def encode(self, samples: list[Sample], truncate: bool = False, reserve: int = 1):
         return self.collate([self.prepare(s, truncate, reserve) for s in samples])
 
-    def fit_context(self, sample: Sample, truncate: bool, reserve: int) -> tuple[str, bool]:
-        """(the chat text, whether it was truncated), or an error if it overflows the
-        context. With `truncate` (text-only prompts) the middle of the user's text is cut to
-        fit, keeping its start and its end: a request at either end survives, and an
-        attack cannot push it out of view with padding on one side."""
+    def fit_context(self, sample: Sample, truncate: bool, reserve: int) -> Prepared:
+        """`sample` through the chat template and (text-only models) tokenised, its media not
+        yet decoded; an error if it overflows the context. With `truncate` (text-only
+        prompts) the middle of the user's text is cut to fit, keeping its start and its
+        end: a request at either end survives, and an attack cannot push it out of view
+        with padding on one side."""
         text = self.chat_text(sample)
         budget = self.max_positions - reserve
-        length = self.count_tokens(text)
+        length, tokens = self.tokenise(text)
         if length <= budget:
-            return text, False
+            return Prepared(sample, text, tokens=tokens)
         # Media expand into many tokens inside the processor; the check above counts only
         # their placeholders, so the model itself would still catch an overflow there.
         if not truncate or sample.images or sample.audio:
@@ -240,53 +241,69 @@ class Backbone:
                           + self.tokenizer.decode(tail)).strip()
             cut = self.chat_text(Sample(id=sample.id, messages=[
                 *sample.messages[:-1], {"role": "user", "content": middle_cut}]))
-            excess = self.count_tokens(cut) - budget
+            cut_length, tokens = self.tokenise(cut)
+            excess = cut_length - budget
             if excess <= 0:
                 stderr.print(f"warning: {sample.id}: prompt truncated from {length} to "
                              f"{budget + excess} tokens (the middle of the text cut)")
-                return cut, True
+                return Prepared(sample, cut, truncated=True, tokens=tokens)
             drop += excess
         raise InputError(f"{sample.id}: the chat template alone overflows the context")
+
+    def tokenise(self, text: str) -> tuple[int, dict | None]:
+        """(the length of chat text `text` as the context check counts it: its own tokens,
+        not the BOS or EOS the tokenizer adds; its tokens, which `collate` pads into the
+        batch). Tokens for text-only models only: a multimodal processor expands each media
+        placeholder into the media's tokens as it tokenises, so its batch cannot reuse
+        tokens of the bare text; there `collate` has the processor tokenise the text again."""
+        if self.modalities:
+            return self.count_tokens(text), None
+        adds = self.adds_special_tokens(text)
+        tokens = dict(self.tokenizer(text, add_special_tokens=adds))
+        added = self.tokenizer.num_special_tokens_to_add() if adds else 0
+        return len(tokens["input_ids"]) - added, tokens
+
+    def adds_special_tokens(self, text: str) -> bool:
+        """Whether chat text `text` gets the tokenizer's special tokens: most chat templates
+        write the BOS token themselves, and a second one is never added."""
+        bos = self.tokenizer.bos_token
+        return not (bos and text.startswith(bos))
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # --- running ---------------------------------------------------------------------
     @torch.no_grad()  # not inference_mode: training reuses H as a (detached) input
-    def prefill(self, batch, use_cache: bool = False, capture: bool = True,
-                layers: list[int] | None = None) -> Prefill:
+    def prefill(self, batch, *, layer: int | None = None, capture: bool = True,
+                use_cache: bool = False, layers: list[int] | None = None) -> Prefill:
         """One forward pass over the prompt: logits for the last position only, and (with
-        `capture`) `H` at all positions from a hook: the final norm's output, or with
-        `head_layer` set, that decoder layer's output put through the final norm (so every
-        layer reaches the head on the scale the last one does). Without `capture`, H is
+        `capture`) `H` at all positions from a hook: the output of decoder layer `layer`
+        (the adapter's `config.layer`; None: the last) through the final norm, so every
+        layer reaches the head on the scale the last one does. Without `capture`, H is
         None and no hook runs: the plain model's prefill. `layers` (1-based decoder layers,
         for training's layer sweep) also fills `Prefill.layers` with each of those layers'
         states, the same way, from hooks in this same pass."""
-        wanted = sorted(set(layers or ()))
-        for layer in wanted:
-            if not 1 <= layer <= self.num_layers:
-                raise InputError(f"layer {layer} is out of range: this model has layers 1 to "
-                                 f"{self.num_layers}")
+        wanted = [self.resolve_layer(number) for number in sorted(set(layers or ()))]
         # Which decoder layer fills which captured key ("H" for the head; layer numbers for
         # the sweep). Keys of one layer share its hook, so its norm runs once.
         keys_of: dict[int, list] = {}
         if capture:
-            keys_of.setdefault(self.head_layer or self.num_layers, []).append("H")
-        for layer in wanted:
-            keys_of.setdefault(layer, []).append(layer)
+            keys_of.setdefault(self.resolve_layer(layer), []).append("H")
+        for number in wanted:
+            keys_of.setdefault(number, []).append(number)
         captured = {"H": None}
         hooks = []
         try:
-            for layer, keys in keys_of.items():
-                hooks.append(self._capture_hook(layer, keys, captured))
+            for number, keys in keys_of.items():
+                hooks.append(self._capture_hook(number, keys, captured))
             out = self.model(**batch, use_cache=use_cache, logits_to_keep=1)
         finally:
             for hook in hooks:
                 hook.remove()
         return Prefill(H=captured["H"], mask=batch["attention_mask"].bool(),
                        logits=out.logits[:, -1], cache=out.get("cache"),
-                       layers={layer: captured[layer] for layer in wanted} if layers is not None
-                       else None)
+                       layers={number: captured[number] for number in wanted}
+                       if layers is not None else None)
 
     def _capture_hook(self, layer: int, keys: list, captured: dict):
         """A forward hook storing decoder layer `layer`'s output, through the final norm,

@@ -94,16 +94,18 @@ class Stream:
     continue from their own last position, and Qwen2-VL / Omni continue their 3-D (mrope)
     positions, whose text offset from the image grid is fixed at the prefill."""
 
-    def __init__(self, backbone: Backbone, prepared: list[Prepared], capture: bool = False):
-        """`capture`: also keep the head's states `H` (casa only; other defences run the
-        plain prefill, so `casa profile` charges none of CASA's cost to them)."""
+    def __init__(self, backbone: Backbone, prepared: list[Prepared], capture: bool = False,
+                 layer: int | None = None):
+        """`capture`: also keep the head's states `H`, from decoder layer `layer` (the
+        adapter's `config.layer`; casa only: other defences run the plain prefill, so
+        `casa profile` charges none of CASA's cost to them)."""
         self.model = backbone.model
         batch = backbone.collate(prepared)
         # The positions generate would use: attention-mask based (left padding), and for
         # mrope families [text; t; h; w] from the image/audio grids.
         positions = self.model._prepare_position_ids_for_generation(batch["input_ids"], dict(batch))
         batch["position_ids"] = positions
-        self.prefill = backbone.prefill(batch, use_cache=True, capture=capture)
+        self.prefill = backbone.prefill(batch, layer=layer, capture=capture, use_cache=True)
         self.cache = self.prefill.cache
         self.mask = batch["attention_mask"]
         self.position = positions[..., -1:]
@@ -291,7 +293,7 @@ def generate(casa, sample: Sample, defense: str = "casa", on_unsafe: str | None 
         return coca_logits(logits, alpha) if defense == "coca" else logits[0]
 
     started = sync_clock(backbone.device)
-    stream = Stream(backbone, prepared, capture=defense == "casa")
+    stream = Stream(backbone, prepared, capture=defense == "casa", layer=casa.config.layer)
     timings = {"prefill_ms": round((sync_clock(backbone.device) - started) * 1000, 3)}
     # prompt_tokens: the user's own prompt (coca's last row is the one without principle)
     result = Generation(id=sample.id, defense=defense, text="", tokens=[],

@@ -94,7 +94,7 @@ def adapter_report(backbone, adapter: Path, sets: dict[str, list[dict]]) -> dict
     scores = {}
     for name in (*HARMFUL_SETS, *BENIGN_SETS):
         samples = [prompt_sample(r["text"], sample_id=r["id"]) for r in sets[name]]
-        scores[name] = score(head.float(), prompt_states(backbone, samples))
+        scores[name] = score(head.float(), prompt_states(backbone, samples, config.layer))
     return {"adapter": str(adapter), "layer": config.layer,
             **report(scores, config.threshold, sets)}
 

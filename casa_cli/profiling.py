@@ -203,7 +203,7 @@ def measure_inputs(casa: Casa, sample: Sample, batch: int, grid: Grid) -> dict:
         with Timer(device) as timer:
             inputs = backbone.encode([sample] * batch, reserve=grid.new_tokens + 1)
         prepare.append(timer.ms)
-    prefill = backbone.prefill(inputs)
+    prefill = backbone.prefill(inputs, layer=casa.config.layer)
     head_us = {}
     with torch.no_grad():
         for backend in head_backends(device):

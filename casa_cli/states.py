@@ -15,14 +15,14 @@ from casa_cli.fingerprint import fingerprint
 from casa_cli.inputs import Sample
 
 
-def prompt_states(backbone: Backbone, samples: list[Sample], batch_size: int = 16,
-                  on_batch: Callable[[int], None] | None = None,
+def prompt_states(backbone: Backbone, samples: list[Sample], layer: int | None,
+                  batch_size: int = 16, on_batch: Callable[[int], None] | None = None,
                   cache: bool = True) -> list[torch.Tensor]:
-    """Each prompt's hidden states (T_i, d) in float16 at the layer the head reads
-    (`backbone.head_layer`), cached on disk one file per base model, layer and prompt, so
-    any subset or superset of a set reuses what was computed (`cache=False` for a backbone
-    carrying trained LoRA weights)."""
-    layer = backbone.head_layer or backbone.num_layers
+    """Each prompt's hidden states (T_i, d) in float16 at decoder layer `layer`, the one the
+    head reads (an adapter's `config.layer`; None: the last), cached on disk one file per
+    base model, layer and prompt, so any subset or superset of a set reuses what was
+    computed (`cache=False` for a backbone carrying trained LoRA weights)."""
+    layer = backbone.resolve_layer(layer)
     return layer_states(backbone, samples, [layer], batch_size, on_batch, cache)[layer]
 
 

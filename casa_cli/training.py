@@ -238,8 +238,6 @@ def train(backbone: Backbone, examples: list[Sample], options: TrainOptions,
         raise InputError(f"unknown mode {options.mode!r}; expected one of {', '.join(MODES)}")
     torch.manual_seed(options.seed)
     candidates = sweep_candidates(backbone, options)
-    if candidates is None:
-        backbone.read_layer(options.layer)
     config, head = init_adapter(backbone, heads=options.heads, gate=options.gate, seed=options.seed)
     require_both_labels([label_of(s) for s in examples], "the training data")
     tick = progress or (lambda name, total: (lambda n=1: None))
@@ -257,7 +255,7 @@ def train(backbone: Backbone, examples: list[Sample], options: TrainOptions,
     sweep = None
     if candidates is None:
         config.layer = options.layer
-        states = prompt_states(backbone, all_samples,
+        states = prompt_states(backbone, all_samples, config.layer,
                                on_batch=tick("hidden states", len(all_samples)))
         train_states, val_states = states[: len(examples)], states[len(examples):]
         head = head.float()
@@ -265,7 +263,7 @@ def train(backbone: Backbone, examples: list[Sample], options: TrainOptions,
     else:
         sweep, head, history, states = sweep_layers(backbone, candidates, examples, val_examples,
                                                     options, tick)
-        config.layer = backbone.head_layer or backbone.num_layers
+        config.layer = next(row["layer"] for row in sweep if row["chosen"])
         train_states, val_states = states[: len(examples)], states[len(examples):]
     lora_model = None
     if options.mode == "lora":
@@ -273,7 +271,7 @@ def train(backbone: Backbone, examples: list[Sample], options: TrainOptions,
                               on_step=tick("lora", len(examples)))
         # The served model carries the LoRA weights, so its prompt states are what the head
         # reads at inference: fit the head again on them.
-        states = prompt_states(backbone, all_samples, cache=False,
+        states = prompt_states(backbone, all_samples, config.layer, cache=False,
                                on_batch=tick("hidden states (lora)", len(all_samples)))
         train_states, val_states = states[: len(examples)], states[len(examples):]
         history += fit_head(head, (train_states, train_y), (val_states, val_y), options)
@@ -290,7 +288,8 @@ def train(backbone: Backbone, examples: list[Sample], options: TrainOptions,
         config.training["layer_chosen_by"] = LAYER_CHOICE
     config.metrics = {"validation": evaluate(head, val_states, val_y, config.threshold)}
     for name, samples in (heldout or {}).items():
-        held_states = prompt_states(backbone, samples, cache=options.mode == "head",
+        held_states = prompt_states(backbone, samples, config.layer,
+                                    cache=options.mode == "head",
                                     on_batch=tick(f"held-out {name}", len(samples)))
         config.metrics[name] = evaluate(head, held_states, [label_of(s) for s in samples],
                                         config.threshold)
@@ -316,20 +315,19 @@ def choose_layer(rows: list[dict], n_harmful: int, n_benign: int) -> int:
 
 
 def sweep_candidates(backbone: Backbone, options: TrainOptions) -> list[int] | None:
-    """The layers `options` asks to sweep (checked against the model), or None when one
-    layer is forced (`layer` a number, or None for the last)."""
+    """The layers `options` asks to sweep, or None when one layer is forced (`layer` a
+    number, or None for the last); either checked against the model before any work."""
     if options.layer != "auto":
         if options.layers:
             raise InputError("--layers lists the candidates of --layer auto; "
                              f"it cannot go with --layer {options.layer or 'last'}")
         if isinstance(options.layer, str):
             raise InputError(f"unknown layer {options.layer!r}: use auto, last or a number")
+        backbone.resolve_layer(options.layer)
         return None
     candidates = sorted(set(options.layers or candidate_layers(backbone.num_layers)))
     for layer in candidates:
-        if not 1 <= layer <= backbone.num_layers:
-            raise InputError(f"layer {layer} is out of range: this model has layers 1 to "
-                             f"{backbone.num_layers}")
+        backbone.resolve_layer(layer)
     return candidates
 
 
@@ -342,8 +340,8 @@ def sweep_layers(backbone: Backbone, candidates: list[int], examples: list[Sampl
     prompt's states at all candidates come from one prefill (`layer_states`) and are read
     back one layer at a time (the chosen layer's once more at the end: the rule weighs
     every layer's scores, so the winner is known only after the last).
-    Leaves the backbone reading the chosen layer; returns the sweep's rows, the chosen
-    layer's head, its history and its states (examples, then validation)."""
+    Returns the sweep's rows (the chosen one marked), the chosen layer's head, its history
+    and its states (examples, then validation)."""
     all_samples = examples + val_examples
     train_y, val_y = [label_of(s) for s in examples], [label_of(s) for s in val_examples]
     layer_states(backbone, all_samples, candidates, keep=False,
@@ -351,8 +349,7 @@ def sweep_layers(backbone: Backbone, candidates: list[int], examples: list[Sampl
     step = tick("layer sweep", len(candidates))
     rows, fitted = [], []
     for layer in candidates:
-        backbone.read_layer(layer)
-        states = prompt_states(backbone, all_samples)
+        states = prompt_states(backbone, all_samples, layer)
         torch.manual_seed(options.seed)
         _, head = init_adapter(backbone, heads=options.heads, gate=options.gate,
                                seed=options.seed)
@@ -370,8 +367,7 @@ def sweep_layers(backbone: Backbone, candidates: list[int], examples: list[Sampl
     index = choose_layer(rows, sum(val_y), len(val_y) - sum(val_y))
     rows[index]["chosen"] = True
     head, history = fitted[index]
-    backbone.read_layer(rows[index]["layer"])
-    return rows, head, history, prompt_states(backbone, all_samples)
+    return rows, head, history, prompt_states(backbone, all_samples, rows[index]["layer"])
 
 
 def summarise(samples: list[Sample]) -> dict:

@@ -71,8 +71,7 @@ def test_head_training_separates_a_separable_set(tiny_model, tmp_path):
     assert config.trained and config.metrics["validation"]["auroc"] == 1.0
     assert history["final"]["train_loss"] < 0.1
     casa_model = load(str(tiny_model("llama")))
-    casa_model.head, casa_model.config = head, config
-    casa_model.backbone.read_layer(config.layer)  # the layer --layer auto chose
+    casa_model.head, casa_model.config = head, config  # the config names the layer auto chose
     verdicts = list(casa_model.classify(val, threshold=0.5))
     labels = {s.id: s.label for s in val}  # records come batch by batch: match them by id
     accuracy = sum((r["verdict"] == "unsafe") == (labels[r["id"]] == "harmful") for r in verdicts) / len(val)
@@ -117,8 +116,7 @@ def test_head_layer_states_are_that_layer_through_the_final_norm(tiny_model, fam
         last = backbone.prefill(batch).H
         torch.testing.assert_close(last, reference[-1], rtol=1e-5, atol=1e-5)  # already normed
         for layer in (1, backbone.num_layers - 1):
-            backbone.head_layer = layer
-            H = backbone.prefill(batch).H
+            H = backbone.prefill(batch, layer=layer).H
             torch.testing.assert_close(H, backbone.final_norm()(reference[layer]), rtol=1e-5, atol=1e-5)
             assert not torch.allclose(H, last)
 
@@ -134,7 +132,7 @@ def test_train_with_a_layer_ships_it_in_the_adapter(tiny_model, tmp_path, casa):
     assert info.code == 0 and info.records()[0]["head_layer"] == 1
     # What classify reports is the head on layer 1's states, not on the last layer's.
     casa_model = load(str(model), adapter=out)
-    assert casa_model.backbone.head_layer == 1
+    assert casa_model.config.layer == 1
     sample = prompt_sample("violin music")
     with torch.no_grad():
         outputs = casa_model.backbone.model(**casa_model.backbone.encode([sample]),

@@ -1,7 +1,8 @@
 """What cannot be judged is an error, never `safe`; user text never becomes a control token;
 --truncate keeps both ends of the text; records leave as each batch finishes and media are
 decoded one batch at a time; only CASA pays for the head's states (issue 13, items 2, 4, 8a
-and 9). Tiny random-weight models, through the CLI where the user would see it."""
+and 9); a text prompt is tokenised once (issue 16). Tiny random-weight models, through the
+CLI where the user would see it."""
 import json
 
 import pytest
@@ -101,8 +102,9 @@ def test_typed_image_placeholder_is_text(tiny_model, casa):
 # --- --truncate ------------------------------------------------------------------------
 def test_truncate_keeps_the_start_and_the_end(tiny_model, casa, llama):
     text = "FIRSTREQUEST please " + "tell me about the weather today " * 200 + "LASTREQUEST"
-    fitted, truncated = llama.backbone.fit_context(casa_cli.prompt_sample(text), True, reserve=1)
-    assert truncated and CUT_MARK.strip() in fitted
+    prepared = llama.backbone.fit_context(casa_cli.prompt_sample(text), True, reserve=1)
+    fitted = prepared.text
+    assert prepared.truncated and CUT_MARK.strip() in fitted
     assert "FIRSTREQUEST" in fitted and "LASTREQUEST" in fitted
     assert llama.backbone.count_tokens(fitted) <= llama.backbone.max_positions - 1
     result = casa("classify", text, "--model", tiny_model("llama"), "--truncate", "--json")
@@ -114,6 +116,26 @@ def test_truncate_keeps_the_start_and_the_end(tiny_model, casa, llama):
     answer = casa("generate", text, "--model", tiny_model("llama"), "--truncate", "--defense", "none",
                   "--max-new-tokens", 2, "--json")
     assert answer.code == 0 and answer.records()[0]["truncated"] is True
+
+
+def test_a_text_prompt_is_tokenised_once_for_the_check_and_the_batch(llama, monkeypatch):
+    """The tokens counted against the context are the ones the batch pads: one tokenizer
+    call per prompt, and the batch the tokenizer makes of all the texts at once."""
+    backbone = llama.backbone
+    samples = [casa_cli.prompt_sample("hello"), casa_cli.prompt_sample("a longer prompt about bread")]
+    texts = [backbone.chat_text(s) for s in samples]
+    expected = backbone.tokenizer(texts, padding=True, return_tensors="pt",
+                                  add_special_tokens=backbone.adds_special_tokens(texts[0]))
+    tokenise, calls = type(backbone.tokenizer).__call__, []
+
+    def counted(self, *args, **kwargs):
+        calls.append(args)
+        return tokenise(self, *args, **kwargs)
+    monkeypatch.setattr(type(backbone.tokenizer), "__call__", counted)
+    batch = backbone.encode(samples)
+    assert len(calls) == len(samples)
+    for key in ("input_ids", "attention_mask"):
+        assert torch.equal(batch[key].cpu(), expected[key])
 
 
 # --- records leave batch by batch; media live for one batch -----------------------------
@@ -185,8 +207,8 @@ def test_only_casa_captures_the_head_states(llama, monkeypatch, defense, capture
     seen = []
     prefill = Backbone.prefill
 
-    def spy(self, batch, use_cache=False, capture=True):
-        out = prefill(self, batch, use_cache, capture)
+    def spy(self, batch, **options):
+        out = prefill(self, batch, **options)
         seen.append(out.H is not None)
         return out
     monkeypatch.setattr(Backbone, "prefill", spy)

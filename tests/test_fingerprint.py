@@ -97,13 +97,13 @@ def test_cached_states_and_answers_never_mix(base, tuned, tmp_path, monkeypatch)
     monkeypatch.setenv("CASA_CACHE_DIR", str(tmp_path / "cache"))
     samples = [prompt_sample(text) for text in PROMPTS]
     a, b = load_backbone(str(base)), load_backbone(str(tuned))
-    states_a = prompt_states(a, samples)  # fills the cache for the base model
-    states_b = prompt_states(b, samples)  # must not read it
-    fresh_b = prompt_states(b, samples, cache=False)
+    states_a = prompt_states(a, samples, None)  # fills the cache for the base model
+    states_b = prompt_states(b, samples, None)  # must not read it
+    fresh_b = prompt_states(b, samples, None, cache=False)
     for cached, fresh, other in zip(states_b, fresh_b, states_a):
         assert torch.equal(cached, fresh)
         assert not torch.equal(cached, other)
-    assert torch.equal(prompt_states(b, samples)[0], fresh_b[0])  # now from B's own cache
+    assert torch.equal(prompt_states(b, samples, None)[0], fresh_b[0])  # now from B's own cache
     assert len(list((tmp_path / "cache" / "states").iterdir())) == 2  # one folder each
     self_answers(a, samples[:1], max_new_tokens=2)
     self_answers(b, samples[:1], max_new_tokens=2)
@@ -168,6 +168,6 @@ def test_caches_survive_a_run_killed_mid_write(base, tmp_path, monkeypatch):
     assert self_answers(backbone, samples, max_new_tokens=2)[:2] == first
     lines = [json.loads(line) for line in path.read_text().splitlines()[2:]]
     assert [r["key"] for r in lines] == [s.key for s in samples[1:]]
-    prompt_states(backbone, samples)
+    prompt_states(backbone, samples, None)
     files = [p.name for p in (tmp_path / "cache" / "states").rglob("*") if p.is_file()]
     assert len(files) == len(samples) and all(f.endswith(".safetensors") for f in files)

@@ -119,8 +119,7 @@ def test_prefill_reads_several_layers_in_one_pass(deep_model):
     batch = backbone.encode([prompt_sample("a quiet river"), prompt_sample("stone bridge in a forest")])
     with torch.no_grad():
         reference = backbone.model(**batch, output_hidden_states=True).hidden_states
-    backbone.read_layer(3)
-    out = backbone.prefill(batch, layers=[2, 5, LAYERS])
+    out = backbone.prefill(batch, layer=3, layers=[2, 5, LAYERS])
     assert sorted(out.layers) == [2, 5, LAYERS]
     for layer in (2, 5):
         torch.testing.assert_close(out.layers[layer], backbone.final_norm()(reference[layer]),

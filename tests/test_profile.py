@@ -36,8 +36,8 @@ def profiled(tiny_model, tmp_path_factory):
 
 
 def plausible(stat) -> bool:
-    values = [stat["min"], stat["median"], stat["max"]]
-    return all(math.isfinite(v) and v > 0 for v in values) and values == sorted(values)
+    """Positive and finite; nothing about speed."""
+    return all(math.isfinite(stat[k]) and stat[k] > 0 for k in ("min", "median", "max"))
 
 
 def test_every_defence_has_every_figure(profiled):
@@ -48,6 +48,9 @@ def test_every_defence_has_every_figure(profiled):
     for row in report["rows"]:
         for key in TIMED + EXTRA.get(row["defence"], []):
             assert plausible(row[key]), (row["defence"], key, row.get(key))
+        # Each repeat's first token comes after its own prefill, so every order statistic
+        # of the first-token times is at least the same statistic of the prefill times.
+        assert all(row["first_token_ms"][k] >= row["prefill_ms"][k] for k in ("min", "median", "max"))
         assert row["input_tokens"] >= TOKENS
         if row["defence"] in ("none", "casa", "guard"):  # the user's prompt as it is
             assert row["input_tokens"] == TOKENS

@@ -463,85 +463,47 @@ def _clip_vision(image_size: int, patch: int, hidden: int = 32):
     )
 
 
+def _llava_like(family, tok, size, patch, config_cls, text_cls, processor_cls, image_processor,
+                template, text_extra=(), **config_extra):
+    """Config and processor of a LLaVA-style model: a CLIP tower, a projector and a text
+    model whose prompt holds one <image> placeholder (LLaVA and LLaVA-NeXT share all this)."""
+    cfg = config_cls(
+        vision_config=_clip_vision(size, patch),
+        text_config=text_cls(**_text_kwargs(family, _vocab_size(tok)), bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                             **dict(text_extra)),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+        tie_word_embeddings=False, **config_extra)
+    proc = processor_cls(image_processor=image_processor, tokenizer=tok, patch_size=patch,
+                         vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                         chat_template=template)
+    return cfg, proc
+
+
 def _build_llava(out: Path):
     from transformers import CLIPImageProcessorPil, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    tok = _llama_sp_tokenizer()
     size, patch = 32, 8
-    cfg = LlavaConfig(
-        vision_config=_clip_vision(size, patch),
-        text_config=LlamaConfig(
-            **_text_kwargs("llava", _vocab_size(tok)),
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        projector_hidden_act="gelu",
-        tie_word_embeddings=False,
-    )
-    model = LlavaForConditionalGeneration(cfg)
-    ip = CLIPImageProcessorPil(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        do_center_crop=True,
-        do_convert_rgb=True,
-    )
-    proc = LlavaProcessor(
-        image_processor=ip,
-        tokenizer=tok,
-        patch_size=patch,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=_LLAVA_TEMPLATE,
-    )
-    return model, proc
+    ip = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                               do_center_crop=True, do_convert_rgb=True)
+    cfg, proc = _llava_like("llava", _llama_sp_tokenizer(), size, patch, LlavaConfig, LlamaConfig,
+                            LlavaProcessor, ip, _LLAVA_TEMPLATE, projector_hidden_act="gelu")
+    return LlavaForConditionalGeneration(cfg), proc
 
 
 def _build_llava_next(out: Path):
-    from transformers import (
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-        MistralConfig,
-    )
+    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor, MistralConfig)
 
-    tok = _llama_sp_tokenizer()
     size, patch = 32, 8
     pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
-    cfg = LlavaNextConfig(
-        vision_config=_clip_vision(size, patch),
-        text_config=MistralConfig(
-            **_text_kwargs("llava_next", _vocab_size(tok)),
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            sliding_window=None,
-        ),
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        image_grid_pinpoints=pinpoints,
-        tie_word_embeddings=False,
-    )
-    model = LlavaNextForConditionalGeneration(cfg)
-    ip = LlavaNextImageProcessorPil(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_grid_pinpoints=pinpoints,
-    )
-    proc = LlavaNextProcessor(
-        image_processor=ip,
-        tokenizer=tok,
-        patch_size=patch,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=_LLAVA_NEXT_TEMPLATE,
-    )
-    return model, proc
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                    image_grid_pinpoints=pinpoints)
+    cfg, proc = _llava_like("llava_next", _llama_sp_tokenizer(), size, patch, LlavaNextConfig,
+                            MistralConfig, LlavaNextProcessor, ip, _LLAVA_NEXT_TEMPLATE,
+                            text_extra={"sliding_window": None}, image_grid_pinpoints=pinpoints)
+    return LlavaNextForConditionalGeneration(cfg), proc
 
 
 _QWEN_VL_EXTRA = {
