@@ -295,7 +295,7 @@ class Backbone:
         hooks = []
         try:
             for number, keys in keys_of.items():
-                hooks.append(self._capture_hook(number, keys, captured))
+                hooks.append(self.capture_hook(number, keys, captured))
             out = self.model(**batch, use_cache=use_cache, logits_to_keep=1)
         finally:
             for hook in hooks:
@@ -305,7 +305,7 @@ class Backbone:
                        layers={number: captured[number] for number in wanted}
                        if layers is not None else None)
 
-    def _capture_hook(self, layer: int, keys: list, captured: dict):
+    def capture_hook(self, layer: int, keys: list, captured: dict):
         """A forward hook storing decoder layer `layer`'s output, through the final norm,
         under each of `keys` in `captured`. The last layer is the final norm's own output
         (what lm_head reads), hooked on the norm itself."""

@@ -17,10 +17,15 @@ then one forward call per new token on top of its KV cache, greedy or sampled.
 
 A LoRA adapter's weights are merged into the backbone at load, so with one loaded every
 defence runs the fine-tuned model; compare against the base model by loading it without.
+
+Under every defence, `monitor` also watches the answer as it is written (casa_cli.monitor):
+the safety head over prompt + answer so far, kept up to date at each token, stops an
+answer whose p_unsafe reaches the threshold (with casa, after the prompt's own verdict).
 """
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -30,6 +35,7 @@ from casa_cli.adapter import lora_path
 from casa_cli.backbone import Backbone, Prepared
 from casa_cli.head import verdict
 from casa_cli.inputs import InputError, Sample
+from casa_cli.monitor import Monitor, MonitorOptions
 
 DEFENSES = ("casa", "coca", "prompt", "vsfa", "none")
 ON_UNSAFE = ("generate", "refuse")
@@ -72,6 +78,7 @@ class Generation:
     refused: bool = False  # the adapter's refusal text stands in for decoding
     truncated: bool = False  # the middle of the user's text was cut to fit (--truncate)
     timings: dict = field(default_factory=dict)  # prefill_ms, safety_ms, first_token_ms, ...
+    monitor: dict | None = None  # with a monitor: stopped_at, p_unsafe_max, checks
 
     def record(self, sample: Sample | None = None) -> dict:
         record = {"id": self.id, "defence": self.defense}
@@ -80,6 +87,8 @@ class Generation:
                           refused=self.refused)
         record.update(text=self.text, prompt_tokens=self.prompt_tokens,
                       new_tokens=len(self.tokens), timings=self.timings)
+        if self.monitor is not None:
+            record["monitor"] = self.monitor
         if self.truncated:
             record["truncated"] = True
         if sample is not None and sample.label is not None:
@@ -189,9 +198,12 @@ def sync_clock(device: torch.device) -> float:
 
 
 def decode(backbone: Backbone, logits: torch.Tensor, step: Callable[[int], torch.Tensor],
-           options: DecodeOptions, text: TextStream, timings: dict, started: float) -> None:
+           options: DecodeOptions, text: TextStream, timings: dict, started: float,
+           monitor: Monitor | None = None) -> None:
     """The loop every defence shares: choose a token from `logits`, stop at an end token,
-    else `step(token)` gives the next logits. Fills first-token latency and decode rate."""
+    else `step(token)` gives the next logits. Fills first-token latency and decode rate.
+    With a `monitor`, each token is fed before it is kept (the monitor reads its state from
+    that step), and decoding stops at a flagged token, which is neither kept nor shown."""
     generator = None
     if options.seed is not None:
         generator = torch.Generator(logits.device).manual_seed(options.seed)
@@ -204,10 +216,15 @@ def decode(backbone: Backbone, logits: torch.Tensor, step: Callable[[int], torch
             timings["first_token_ms"] = round((first - started) * 1000, 3)
         if token in eos:
             break
+        if monitor is not None:
+            logits = step(token)
+            if monitor.advance():
+                break
         text.push(token)
         if len(text.tokens) == options.max_new_tokens:
-            break  # the logits after the last token are never needed
-        logits = step(token)
+            break  # unmonitored, the last token is never fed: its logits are not needed
+        if monitor is None:
+            logits = step(token)
     if len(text.tokens) > 1:
         rate = (len(text.tokens) - 1) / (time.perf_counter() - first)
         timings["decode_tokens_per_s"] = round(rate, 2)
@@ -262,7 +279,7 @@ def generate(casa, sample: Sample, defense: str = "casa", on_unsafe: str | None 
              options: DecodeOptions | None = None, threshold: float | None = None,
              principle: str | None = None, alpha: float = 1.0, system_prompt: str | None = None,
              truncate: bool = False, on_text: Callable[[str], None] | None = None,
-             copies: int = 1) -> Generation:
+             copies: int = 1, monitor: MonitorOptions | bool | None = None) -> Generation:
     """One answer to `sample` under `defense`; `on_text` receives the text as it is decoded.
 
     on_unsafe (casa): "refuse" returns the adapter's refusal text; "generate" lets the model
@@ -271,11 +288,18 @@ def generate(casa, sample: Sample, defense: str = "casa", on_unsafe: str | None 
     default is "generate" for LoRA adapters and "refuse" for head-only ones.
 
     copies: decode that many copies of the prompt as one batch, every row fed the chosen
-    token: the cost of a batch of `copies` prompts of this length (`casa profile --batch`)."""
+    token: the cost of a batch of `copies` prompts of this length (`casa profile --batch`).
+
+    monitor: watch the answer as it is decoded (`MonitorOptions`; True: every token, the
+    adapter's threshold, refuse). When p_unsafe of prompt + answer so far reaches the
+    threshold, decoding stops: on_flag "refuse" replaces the answer by the adapter's
+    refusal text, "cut" keeps the tokens before the flagged one. `Generation.monitor`
+    says where it stopped. A score that is not finite raises ValueError (fails closed)."""
     check_defense(casa, defense)
     if on_unsafe not in (None, *ON_UNSAFE):
         raise InputError(f"unknown on_unsafe {on_unsafe!r}; expected one of {', '.join(ON_UNSAFE)}")
     options = options or DecodeOptions()
+    monitor = MonitorOptions() if monitor is True else monitor or None
     backbone = casa.backbone
     if defense == "prompt":
         sample = with_system_prompt(sample, system_prompt or casa.config.safety_prompt
@@ -293,8 +317,10 @@ def generate(casa, sample: Sample, defense: str = "casa", on_unsafe: str | None 
         return coca_logits(logits, alpha) if defense == "coca" else logits[0]
 
     started = sync_clock(backbone.device)
-    stream = Stream(backbone, prepared, capture=defense == "casa", layer=casa.config.layer)
+    stream = Stream(backbone, prepared, capture=defense == "casa" or monitor is not None,
+                    layer=casa.config.layer)
     timings = {"prefill_ms": round((sync_clock(backbone.device) - started) * 1000, 3)}
+    watch = None if monitor is None else Monitor(casa, stream.prefill, monitor)
     # prompt_tokens: the user's own prompt (coca's last row is the one without principle)
     result = Generation(id=sample.id, defense=defense, text="", tokens=[],
                         prompt_tokens=int(stream.prefill.mask[-1].sum()),
@@ -307,11 +333,30 @@ def generate(casa, sample: Sample, defense: str = "casa", on_unsafe: str | None 
         result.text = casa.config.refusal
         if on_text is not None:
             on_text(result.text)
-        return result
-    decode(backbone, logits, lambda token: combine(stream.feed(token)), options, text,
-           timings, started)
-    result.text, result.tokens = text.finish(), text.tokens
+    else:
+        with watch.watching() if watch else nullcontext():
+            decode(backbone, logits, lambda token: combine(stream.feed(token)), options, text,
+                   timings, started, watch)
+        if watch is not None:
+            stop_flagged(casa, watch, monitor.on_flag, text, result)
+        if not result.refused:
+            result.text, result.tokens = text.finish(), text.tokens
+    if watch is not None:
+        result.monitor = watch.record()
     return result
+
+
+def stop_flagged(casa, watch: Monitor, on_flag: str, text: TextStream, result: Generation) -> None:
+    """The answer after the monitor flagged token `watch.stopped_at` (if it did): the
+    refusal text, or the tokens before the flagged one. Streamed text is not taken back
+    here; the caller that showed it says so (`casa generate` does, on stderr)."""
+    watch.finish()
+    if watch.stopped_at is None:
+        return
+    if on_flag == "refuse":
+        result.text, result.refused = casa.config.refusal, True
+    else:  # a check at the answer's end can flag a token already kept
+        del text.tokens[watch.stopped_at:]
 
 
 def casa_verdict(casa, stream: Stream, result: Generation, threshold,

@@ -194,9 +194,11 @@ class Casa:
     # --- generate ---------------------------------------------------------------------
     def generate(self, samples, defense: str = "casa", **options):
         """Answers under `defense` (casa, coca, prompt, vsfa, none); `options` as in
-        `casa_cli.decoding.generate`. One Sample (or prompt string) gives a `Generation`
-        (text, verdict, p_unsafe, timings); an iterable gives records in input order, one
-        sample at a time, with an error record `{"id", "error"}` for a sample that fails."""
+        `casa_cli.decoding.generate` (`monitor=True` or a `casa_cli.monitor.MonitorOptions`
+        watches each answer as it is written). One Sample (or prompt string) gives a
+        `Generation` (text, verdict, p_unsafe, timings, monitor); an iterable gives records
+        in input order, one sample at a time, with an error record `{"id", "error"}` for a
+        sample that fails (a monitor score that is not finite included)."""
         if isinstance(samples, str):
             samples = prompt_sample(samples)
         if isinstance(samples, Sample):

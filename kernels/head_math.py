@@ -21,11 +21,28 @@ class HeadOutput:
     l_unsafe: torch.Tensor  # (B,) the <|unsafe|> logit at h_last, before gating
     p_unsafe: torch.Tensor  # (B,) gated probability of <|unsafe|>
     weights: torch.Tensor | None = None  # (B, T, K) attention weights, when asked for
+    state: AttentionState | None = None  # the prompt's streaming attention state, when asked for
 
     @property
     def lm_log_odds(self) -> torch.Tensor:
         """The LM's own safety log-odds, log p(unsafe)/p(safe) without the attention."""
         return self.l_unsafe - self.l_safe
+
+
+@dataclass
+class AttentionState:
+    """The safety attention of a sequence so far, per row and head, in the streaming form of
+    softmax attention: m (B, K) the running maximum of the scores H[t].Q[k]/sqrt(d), l (B, K)
+    the sum of exp(score - m), acc (B, K) the sum of exp(score - m) * H[t].V[k]. Then
+    z = sum_k acc/l + b, and one more position updates all three in O(K d) without
+    re-reading the prefix (docs/design.md §2). Accumulated in float32 (float64 with float64
+    parameters)."""
+    m: torch.Tensor
+    l: torch.Tensor
+    acc: torch.Tensor
+
+    def z(self, b: torch.Tensor) -> torch.Tensor:
+        return (self.acc / self.l).sum(dim=-1) + b.to(self.acc.dtype)
 
 
 def last_valid_index(mask: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 import triton
 
 from casa_cli.kernels.head_math import (
-    GATES, HeadOutput, check_mask, gated_logits, last_valid_index)
+    GATES, AttentionState, HeadOutput, check_mask, gated_logits, last_valid_index)
 from casa_cli.kernels.safety_attention_triton import (
     GATE_LOG, GATE_MULTIPLY, GATE_NONE, safety_bwd_kernel, safety_combine_kernel,
     safety_fwd_kernel)
@@ -98,6 +98,7 @@ class _Forward(NamedTuple):
     l_unsafe: torch.Tensor | None
     p_unsafe: torch.Tensor | None
     weights: torch.Tensor | None
+    state: torch.Tensor | None  # (3, rows, K): AttentionState's m, l and acc, when asked for
     scores: torch.Tensor | None  # (slots, K) log2-scaled scores, kept for backward
     values: torch.Tensor | None  # (slots, K) values H.V, kept for backward
     lse: torch.Tensor  # (rows, K) log2-sum-exp2 of the scores
@@ -165,7 +166,8 @@ def _layout(H: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor
 
 
 def _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights: bool,
-             keep_for_backward: bool, tuning: Tuning, max_seqlen: int | None = None) -> _Forward:
+             return_state: bool, keep_for_backward: bool, tuning: Tuning,
+             max_seqlen: int | None = None) -> _Forward:
     """Validate, plan and launch the forward kernels (one launch, or two when T is split)."""
     if H.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("the Triton safety kernel needs CUDA tensors; use the reference "
@@ -196,6 +198,7 @@ def _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights: bool
     scores, values = ((_empty(lay.slots, K, device=dev, dtype=f32) for _ in range(2))
                       if store_sv else (None, None))
     weights = _empty(lay.slots, K, device=dev, dtype=f32) if return_weights else None
+    state = _empty(3, lay.rows, K, device=dev, dtype=f32) if return_state else None
     single = plan.splits == 1
     parts = lay.rows * plan.splits
     pm, pl, pa = ((unused,) * 3 if single
@@ -206,25 +209,26 @@ def _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights: bool
     outs = tuple(unused if t is None else t
                  for t in (z, r, lse, l_safe, l_unsafe, p_unsafe, weights))
     sv = (scores, values) if store_sv else (unused, unused)
+    state_out = unused if state is None else state
     cu = cu_seqlens if cu_seqlens is not None else unused
     flags = dict(K=K, BLOCK_K=BLOCK_K, BLOCK_T=plan.block_t, BLOCK_D=plan.block_d,
                  PACKED=cu_seqlens is not None, GATE=GATE_CODES[gate],
-                 WRITE_WEIGHTS=return_weights)
+                 WRITE_WEIGHTS=return_weights, WRITE_STATE=return_state)
     safety_fwd_kernel[(lay.rows, plan.splits)](
         H, lay.stride_hb, lay.stride_ht, mask_u8, mask_u8.stride(0) if mask is not None else 0,
-        cu, Q, V, b, tok, *sv, pm, pl, pa, plast, *outs,
+        cu, Q, V, b, tok, *sv, pm, pl, pa, plast, *outs, state_out,
         lay.T, d, plan.chunk, math.log2(math.e) / math.sqrt(d),
         HAS_MASK=mask is not None, STORE_SV=store_sv, SINGLE=single, **flags,
         num_warps=plan.num_warps, num_stages=plan.num_stages)
     if not single:
         safety_combine_kernel[(lay.rows,)](
             H, lay.stride_hb, lay.stride_ht, cu, b, tok, sv[0], pm, pl, pa, plast, *outs,
-            lay.T, d, plan.splits, BLOCK_S=triton.next_power_of_2(plan.splits), **flags,
+            state_out, lay.T, d, plan.splits, BLOCK_S=triton.next_power_of_2(plan.splits), **flags,
             num_warps=4)
     if weights is not None and cu_seqlens is None:
         weights = weights.view(lay.rows, lay.max_len, K)
-    return _Forward(z, l_safe, l_unsafe, p_unsafe, weights, scores, values, lse, r, plan,
-                    max(lay.max_len, 1))
+    return _Forward(z, l_safe, l_unsafe, p_unsafe, weights, state, scores, values, lse, r,
+                    plan, max(lay.max_len, 1))
 
 
 def _backward_qv(H, cu_seqlens, fwd_plan: LaunchPlan, max_len: int, tuning: Tuning, scores,
@@ -257,20 +261,21 @@ class SafetyAttentionFunction(torch.autograd.Function):
     """Forward: the fused kernels; backward: grads of Q, V, b and token_out (none for H)."""
 
     @staticmethod
-    def forward(ctx, H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights, tuning,
-                max_seqlen=None):
+    def forward(ctx, H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights,
+                return_state, tuning, max_seqlen=None):
         fwd = _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights,
-                       keep_for_backward=True, tuning=tuning, max_seqlen=max_seqlen)
+                       return_state, keep_for_backward=True, tuning=tuning,
+                       max_seqlen=max_seqlen)
         ctx.save_for_backward(H, mask, cu_seqlens, b, token_out, fwd.scores, fwd.values,
                               fwd.lse, fwd.r, fwd.z, fwd.l_safe, fwd.l_unsafe)
         ctx.gate, ctx.tuning, ctx.plan, ctx.max_len = gate, tuning, fwd.plan, fwd.max_len
         ctx.param_dtypes = (Q.dtype, V.dtype)
-        if fwd.weights is not None:
-            ctx.mark_non_differentiable(fwd.weights)  # a diagnostic output, not a loss term
-        return fwd.z, fwd.l_safe, fwd.l_unsafe, fwd.p_unsafe, fwd.weights
+        # The weights are a diagnostic and the state is for decoding: neither is a loss term.
+        ctx.mark_non_differentiable(*(t for t in (fwd.weights, fwd.state) if t is not None))
+        return fwd.z, fwd.l_safe, fwd.l_unsafe, fwd.p_unsafe, fwd.weights, fwd.state
 
     @staticmethod
-    def backward(ctx, dz, dl_safe, dl_unsafe, dp_unsafe, _dweights):
+    def backward(ctx, dz, dl_safe, dl_unsafe, dp_unsafe, _dweights, _dstate):
         (H, mask, cu_seqlens, b, token_out, scores, values, lse, r, z, l_safe,
          l_unsafe) = ctx.saved_tensors
         dz = torch.zeros_like(z) if dz is None else dz
@@ -307,32 +312,40 @@ class SafetyAttentionFunction(torch.autograd.Function):
             dl = torch.stack([dl_safe, dl_unsafe])
             dl = torch.where(empty & (dl != 0), float("nan"), dl)
             dtok = (dl @ h_last).to(token_out.dtype)
-        return None, None, None, dq, dv, db, dtok, None, None, None, None
+        return None, None, None, dq, dv, db, dtok, None, None, None, None, None
 
 
-def _run(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights, tuning,
+def _run(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights, return_state, tuning,
          max_seqlen=None):
+    """(z, l_safe, l_unsafe, p_unsafe, weights, state): HeadOutput's fields, in its order."""
     H = H.detach()
     params = (Q, V, b) if token_out is None else (Q, V, b, token_out)
     if torch.is_grad_enabled() and any(t.requires_grad for t in params):
-        return SafetyAttentionFunction.apply(H, mask, cu_seqlens, Q, V, b, token_out, gate,
-                                             return_weights, tuning, max_seqlen)
-    # Inference skips autograd and does not store per-token scores unless weights are asked.
-    fwd = _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights,
-                   keep_for_backward=False, tuning=tuning, max_seqlen=max_seqlen)
-    return fwd.z, fwd.l_safe, fwd.l_unsafe, fwd.p_unsafe, fwd.weights
+        *outs, state = SafetyAttentionFunction.apply(H, mask, cu_seqlens, Q, V, b, token_out,
+                                                     gate, return_weights, return_state,
+                                                     tuning, max_seqlen)
+    else:
+        # Inference skips autograd and stores no per-token scores unless weights are asked.
+        fwd = _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights,
+                       return_state, keep_for_backward=False, tuning=tuning,
+                       max_seqlen=max_seqlen)
+        *outs, state = fwd.z, fwd.l_safe, fwd.l_unsafe, fwd.p_unsafe, fwd.weights, fwd.state
+    return (*outs, None if state is None else AttentionState(*state.unbind(0)))
 
 
 def safety_attention(H, Q, V, b, mask=None, cu_seqlens=None, return_weights: bool = False, *,
-                     max_seqlen: int | None = None, block_t: int | None = None,
-                     block_d: int | None = None, splits: int | None = None):
+                     return_state: bool = False, max_seqlen: int | None = None,
+                     block_t: int | None = None, block_d: int | None = None,
+                     splits: int | None = None):
     """z (B,) = the CASA attention score of each sequence, in float32.
 
     Layouts: H (B, T, d) with an optional bool mask (B, T), True where valid (left or right
     padding; mask=None means every token is valid), or packed H (total_T, d) with cu_seqlens
     (B + 1,) int32/int64 offsets. With return_weights, also the attention weights, (B, T, K)
-    or (total_T, K), float32. block_t, block_d and splits override the launch plan (tuning and
-    tests).
+    or (total_T, K), float32; with return_state, also each row's AttentionState (float32
+    (B, K) m, l, acc; no gradient), which casa_cli.head.append_position continues token by
+    token. The result is z, or the tuple (z, weights?, state?) of what was asked for.
+    block_t, block_d and splits override the launch plan (tuning and tests).
 
     Nothing synchronises with the host. Packed: max_seqlen (a host int, the longest row, as in
     flash-attention's varlen API) sizes the grid; without it the grid is planned for total_T,
@@ -341,25 +354,29 @@ def safety_attention(H, Q, V, b, mask=None, cu_seqlens=None, return_weights: boo
     cu_seqlens[-1] <= total_T. A row with no valid token (all-padding mask row) or with
     offsets that break this (any malformed cu_seqlens makes at least one) gets z = NaN and
     NaN weights, and reads nothing; tokens outside [cu_seqlens[0], cu_seqlens[-1]) are
-    ignored and their weight slots are not written. Check the output with torch.isnan, or
+    ignored and their weight slots are not written; such a row's state is NaN as well, and
+    stays NaN however many positions are appended. Check the output with torch.isnan, or
     run with CASA_KERNEL_DEBUG=1 to raise ValueError on the host instead (synchronises).
     """
-    z, *_, weights = _run(H, mask, cu_seqlens, Q, V, b, None, None, return_weights,
-                          Tuning(block_t, block_d, splits), max_seqlen)
-    return (z, weights) if return_weights else z
+    z, *_, weights, state = _run(H, mask, cu_seqlens, Q, V, b, None, None, return_weights,
+                                 return_state, Tuning(block_t, block_d, splits), max_seqlen)
+    asked = (weights,) * return_weights + (state,) * return_state
+    return (z, *asked) if asked else z
 
 
 def safety_head(H, mask, Q, V, b, token_out, gate: str = "log", return_weights: bool = False,
-                *, block_t: int | None = None, block_d: int | None = None,
-                splits: int | None = None) -> HeadOutput:
+                *, return_state: bool = False, block_t: int | None = None,
+                block_d: int | None = None, splits: int | None = None) -> HeadOutput:
     """Drop-in for casa_cli.head.safety_head_reference, fused: one read of H gives z, the
-    safety-token logits at the last valid position and the gated p_unsafe.
+    safety-token logits at the last valid position and the gated p_unsafe; with
+    return_state, also `state`, the prompt's AttentionState for decoding to continue
+    (casa_cli.head.SafetyHead.step), from the same read.
 
     Unlike the reference it never synchronises with the host, so it does not raise for a row
     of mask with no valid token: that row's z, logits, p_unsafe and weights are NaN (other
     rows are unaffected), which casa_cli.head.verdict reports as an error. CASA_KERNEL_DEBUG=1
-    restores the reference's ValueError (synchronises)."""
+    restores the reference's ValueError (synchronises). That row's state is NaN too."""
     if gate not in GATES:
         raise ValueError(f"unknown gate {gate!r}; expected one of {GATES}")
     return HeadOutput(*_run(H, mask, None, Q, V, b, token_out, gate, return_weights,
-                            Tuning(block_t, block_d, splits)))
+                            return_state, Tuning(block_t, block_d, splits)))

@@ -6,7 +6,9 @@ walks d in BLOCK_D tiles and accumulates the 2K dot products (scores H.Q and val
 folds the tile into an online softmax per head. A row handled by a single program finishes in
 the same launch (`SINGLE`); otherwise each program writes its partial softmax state and a small
 combine kernel merges the chunks. Finishing a row means: z, the two safety-token logits read
-at h_last (the last valid position), the gated p_unsafe, and optionally the attention weights.
+at h_last (the last valid position), the gated p_unsafe, and optionally the attention weights
+and the row's merged softmax state (`WRITE_STATE`: what decoding continues one token at a time,
+kernels/head_math.AttentionState).
 
 Backward: one more read of `H` gives the parameter gradients, from the per-token scores and
 values the forward stored: dV[j] = sum_t g a[t,j] H[t] and
@@ -136,14 +138,16 @@ def _attend_chunk(H_row, stride_ht, MASK_row, Q, V, S_row, VAL_row, d, t_begin, 
 
 @triton.jit
 def _finish_row(row, m, l, a, last, Bias, H_row, stride_ht, TOK, S_row, W_row, length, d,
-                Z, R, LSE, LS, LU, P, K: tl.constexpr, BLOCK_K: tl.constexpr,
+                Z, R, LSE, LS, LU, P, STATE, K: tl.constexpr, BLOCK_K: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, GATE: tl.constexpr,
-                WRITE_WEIGHTS: tl.constexpr):
+                WRITE_WEIGHTS: tl.constexpr, WRITE_STATE: tl.constexpr):
     """From a row's merged softmax state: z, the saved statistics, and the fused epilogue.
 
-    A row without a valid token (last = -1) is finished as NaN (z, logits, p_unsafe, weights)
-    with neutral statistics (r = lse = 0: it adds nothing to the backward unless its output
-    gradient is nonzero, which the launcher turns into NaN); h_last is then not read at all.
+    A row without a valid token (last = -1) is finished as NaN (z, logits, p_unsafe, weights,
+    state) with neutral statistics (r = lse = 0: it adds nothing to the backward unless its
+    output gradient is nonzero, which the launcher turns into NaN); h_last is then not read.
+    STATE (3, rows, K) receives m, l and a, with m in natural-log units as AttentionState
+    keeps it; an empty row's NaN state keeps every position appended to it NaN (fail closed).
     """
     offs_k = tl.arange(0, BLOCK_K)
     empty = last < 0
@@ -157,6 +161,13 @@ def _finish_row(row, m, l, a, last, Bias, H_row, stride_ht, TOK, S_row, W_row, l
     tl.store(Z + row, z)
     tl.store(R + row * K + offs_k, r, mask=k_ok)
     tl.store(LSE + row * K + offs_k, lse, mask=k_ok)
+    if WRITE_STATE:
+        state = STATE + row * K + offs_k
+        plane = tl.num_programs(0) * K  # rows * K: one (rows, K) plane each for m, l and a
+        m_natural = m * 0.6931471805599453  # log2 units (scores times log2 e) -> natural: ln 2
+        tl.store(state, tl.where(empty, float("nan"), m_natural), mask=k_ok)
+        tl.store(state + plane, tl.where(empty, float("nan"), l), mask=k_ok)
+        tl.store(state + 2 * plane, tl.where(empty, float("nan"), a), mask=k_ok)
     if GATE != 0:
         # The two safety-token logits: lm_head rows of <|safe|> and <|unsafe|> at h_last.
         # Clamped, and not loaded at all for an empty row (h_end = 0): never out of bounds.
@@ -194,12 +205,12 @@ def _finish_row(row, m, l, a, last, Bias, H_row, stride_ht, TOK, S_row, W_row, l
 
 @triton.jit
 def safety_fwd_kernel(H, stride_hb, stride_ht, MASK, stride_mb, CU, Q, V, Bias, TOK,
-                      S, VAL, PM, PL, PA, PLAST, Z, R, LSE, LS, LU, P, W,
+                      S, VAL, PM, PL, PA, PLAST, Z, R, LSE, LS, LU, P, W, STATE,
                       T, d, chunk, qk_scale,
                       K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
                       BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
                       STORE_SV: tl.constexpr, SINGLE: tl.constexpr, GATE: tl.constexpr,
-                      WRITE_WEIGHTS: tl.constexpr):
+                      WRITE_WEIGHTS: tl.constexpr, WRITE_STATE: tl.constexpr):
     """Grid (rows, splits): program (row, split) streams tokens [split*chunk, +chunk) of row.
 
     T: tokens per row (padded), or the total tokens of H (packed). Packed, the last split also
@@ -222,8 +233,8 @@ def safety_fwd_kernel(H, stride_hb, stride_ht, MASK, stride_mb, CU, Q, V, Bias, 
         if WRITE_WEIGHTS:
             tl.debug_barrier()  # the scores this program stored are read back by other threads
         _finish_row(row, m, l, a, last, Bias, H_row, stride_ht, TOK, S_row, W + slot0 * K,
-                    length, d, Z, R, LSE, LS, LU, P, K, BLOCK_K, BLOCK_T, BLOCK_D, GATE,
-                    WRITE_WEIGHTS)
+                    length, d, Z, R, LSE, LS, LU, P, STATE, K, BLOCK_K, BLOCK_T, BLOCK_D,
+                    GATE, WRITE_WEIGHTS, WRITE_STATE)
     else:
         offs_k = tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
@@ -236,10 +247,11 @@ def safety_fwd_kernel(H, stride_hb, stride_ht, MASK, stride_mb, CU, Q, V, Bias, 
 
 @triton.jit
 def safety_combine_kernel(H, stride_hb, stride_ht, CU, Bias, TOK, S, PM, PL, PA, PLAST,
-                          Z, R, LSE, LS, LU, P, W, T, d, n_splits,
+                          Z, R, LSE, LS, LU, P, W, STATE, T, d, n_splits,
                           K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PACKED: tl.constexpr,
-                          GATE: tl.constexpr, WRITE_WEIGHTS: tl.constexpr):
+                          GATE: tl.constexpr, WRITE_WEIGHTS: tl.constexpr,
+                          WRITE_STATE: tl.constexpr):
     """Grid (rows,): merge a row's per-chunk softmax states, then finish the row."""
     row = tl.program_id(0)
     tok0, length, slot0 = _row_span(row, CU, T, PACKED)
@@ -257,7 +269,7 @@ def safety_combine_kernel(H, stride_hb, stride_ht, CU, Bias, TOK, S, PM, PL, PA,
     last = tl.max(tl.load(PLAST + row * n_splits + offs_s, mask=s_ok, other=-1), axis=0)
     _finish_row(row, m_row, l, a, last, Bias, H + row.to(tl.int64) * stride_hb + tok0 * stride_ht,
                 stride_ht, TOK, S + slot0 * K, W + slot0 * K, length, d, Z, R, LSE, LS, LU, P,
-                K, BLOCK_K, BLOCK_T, BLOCK_D, GATE, WRITE_WEIGHTS)
+                STATE, K, BLOCK_K, BLOCK_T, BLOCK_D, GATE, WRITE_WEIGHTS, WRITE_STATE)
 
 
 @triton.jit

@@ -350,39 +350,47 @@ def no_host_sync(monkeypatch):
 
 def test_public_calls_do_no_host_sync(monkeypatch):
     """The public kernel calls, forward and backward, padded and packed, single launch and
-    split + combine, with and without weights, never synchronise with the host (so they can be
-    captured in a CUDA graph), even with an all-padding row in the batch."""
+    split + combine, with and without weights and the attention state, never synchronise with
+    the host (so they can be captured in a CUDA graph), even with an all-padding row in the
+    batch."""
     monkeypatch.delenv("CASA_KERNEL_DEBUG", raising=False)
     H, mask, p = make_inputs(3, 40, 64, 4, FP16, [40, 0, 13], left=True, seed=8)
     packed, cu = pack(H, mask)  # row 1 is empty here too
     leaves = {k: v.clone().requires_grad_() for k, v in p.items()}
-    zs = []
+    zs, states = [], []
     with no_host_sync(monkeypatch):
         for tuning in ({}, dict(block_t=16, splits=3)):
-            for weights in (False, True):
+            for extras in (False, True):  # the weights and the attention state, or neither
+                asked = dict(return_weights=extras, return_state=extras, **tuning)
                 out = safety_head(H, mask, p["Q"], p["V"], p["b"], p["token_out"], "multiply",
-                                  return_weights=weights, **tuning)
+                                  **asked)
                 zs.append(out.z)
-                zs.append(safety_attention(H, p["Q"], p["V"], p["b"], mask=mask,
-                                           return_weights=weights, **tuning))
+                states.append(out.state)
+                zs.append(safety_attention(H, p["Q"], p["V"], p["b"], mask=mask, **asked))
                 for max_seqlen in (None, 40):
                     zs.append(safety_attention(packed, p["Q"], p["V"], p["b"], cu_seqlens=cu,
-                                               return_weights=weights, max_seqlen=max_seqlen,
-                                               **tuning))
+                                               max_seqlen=max_seqlen, **asked))
                 out = safety_head(H, mask, leaves["Q"], leaves["V"], leaves["b"],
-                                  leaves["token_out"], return_weights=weights, **tuning)
+                                  leaves["token_out"], **asked)
+                states.append(out.state)
                 loss = out.z + out.l_safe + out.l_unsafe + out.p_unsafe
                 torch.where(torch.isnan(out.z), 0.0, loss).sum().backward()
                 z = safety_attention(packed, leaves["Q"], leaves["V"], leaves["b"],
-                                     cu_seqlens=cu, return_weights=weights, **tuning)
-                z = z[0] if weights else z
+                                     cu_seqlens=cu, **asked)
+                z = z[0] if extras else z
                 torch.where(torch.isnan(z), 0.0, z).sum().backward()
+    states += [z[-1] for z in zs if isinstance(z, tuple)]
     zs = torch.stack([z[0] if isinstance(z, tuple) else z for z in zs])
     assert zs.shape == (16, 3)
     assert torch.isnan(zs[:, 1]).all() and torch.isfinite(zs[:, [0, 2]]).all()
     ref = reference(H[[0, 2]], mask[[0, 2]], p, "multiply")
     for z in zs:
         assert_close(z[[0, 2]], ref.z, TOL[FP16])
+    states = [state for state in states if state is not None]
+    assert len(states) == 10
+    for state in states:  # checked in full in test_kernel_attention_state.py
+        assert_close(state.z(p["b"])[[0, 2]], ref.z, TOL[FP16])
+        assert torch.isnan(state.z(p["b"])[1])
     for k in p:
         assert torch.isfinite(leaves[k].grad).all(), k
 

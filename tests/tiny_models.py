@@ -543,64 +543,42 @@ def _qwen_text_kwargs(family: str, tok) -> dict:
     return kw
 
 
+def _qwen_vl(config_cls, family: str, vision_config: dict):
+    """A tiny Qwen2-VL-style config (the 2 and 2.5 generations differ in the vision tower
+    only) and its tokenizer."""
+    tok = _qwen_tokenizer(_QWEN_VL_EXTRA, ["<|vision_pad|>"])
+    ids = {f"{name}_id": tok.convert_tokens_to_ids(f"<|{token}|>") for name, token in (
+        ("image_token", "image_pad"), ("video_token", "video_pad"),
+        ("vision_start_token", "vision_start"), ("vision_end_token", "vision_end"))}
+    return config_cls(text_config=_qwen_text_kwargs(family, tok), vision_config=vision_config,
+                      tie_word_embeddings=False, **ids), tok
+
+
+def _qwen2_5_vision(out_hidden_size: int) -> dict:
+    """The Qwen2.5 vision tower (Qwen2.5-VL's and Qwen2.5-Omni's), tiny."""
+    return dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
+                out_hidden_size=out_hidden_size, patch_size=_QWEN_PATCH,
+                spatial_merge_size=_QWEN_MERGE, temporal_patch_size=2,
+                window_size=2 * _QWEN_PATCH * _QWEN_MERGE, fullatt_block_indexes=[1])
+
+
 def _build_qwen2_vl(out: Path):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
-    tok = _qwen_tokenizer(_QWEN_VL_EXTRA, ["<|vision_pad|>"])
-    h = HIDDEN_SIZE["qwen2_vl"]
-    cfg = Qwen2VLConfig(
-        text_config=_qwen_text_kwargs("qwen2_vl", tok),
-        vision_config=dict(
-            depth=2,
-            embed_dim=32,
-            hidden_size=h,
-            mlp_ratio=2,
-            num_heads=2,
-            in_channels=3,
-            patch_size=_QWEN_PATCH,
-            spatial_merge_size=_QWEN_MERGE,
-            temporal_patch_size=2,
-        ),
-        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
-        tie_word_embeddings=False,
-    )
-    model = Qwen2VLForConditionalGeneration(cfg)
+    vision = dict(depth=2, embed_dim=32, hidden_size=HIDDEN_SIZE["qwen2_vl"], mlp_ratio=2,
+                  num_heads=2, in_channels=3, patch_size=_QWEN_PATCH,
+                  spatial_merge_size=_QWEN_MERGE, temporal_patch_size=2)
+    cfg, tok = _qwen_vl(Qwen2VLConfig, "qwen2_vl", vision)
     proc = _video_free(Qwen2VLProcessor)(image_processor=_qwen_image_processor(), tokenizer=tok, chat_template=_QWEN_VL_TEMPLATE)
-    return model, proc
+    return Qwen2VLForConditionalGeneration(cfg), proc
 
 
 def _build_qwen2_5_vl(out: Path):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-    tok = _qwen_tokenizer(_QWEN_VL_EXTRA, ["<|vision_pad|>"])
-    h = HIDDEN_SIZE["qwen2_5_vl"]
-    cfg = Qwen2_5_VLConfig(
-        text_config=_qwen_text_kwargs("qwen2_5_vl", tok),
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            in_channels=3,
-            out_hidden_size=h,
-            patch_size=_QWEN_PATCH,
-            spatial_merge_size=_QWEN_MERGE,
-            temporal_patch_size=2,
-            window_size=2 * _QWEN_PATCH * _QWEN_MERGE,
-            fullatt_block_indexes=[1],
-        ),
-        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
-        tie_word_embeddings=False,
-    )
-    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    cfg, tok = _qwen_vl(Qwen2_5_VLConfig, "qwen2_5_vl", _qwen2_5_vision(HIDDEN_SIZE["qwen2_5_vl"]))
     proc = _video_free(Qwen2_5_VLProcessor)(image_processor=_qwen_image_processor(), tokenizer=tok, chat_template=_QWEN_VL_TEMPLATE)
-    return model, proc
+    return Qwen2_5_VLForConditionalGeneration(cfg), proc
 
 
 _N_MELS = 16
@@ -671,19 +649,7 @@ def omni_thinker_config(tok):
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in _OMNI_EXTRA.items()}
     return Qwen2_5OmniThinkerConfig(
         text_config=_qwen_text_kwargs("qwen2_5_omni", tok),
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            in_channels=3,
-            out_hidden_size=h,
-            patch_size=_QWEN_PATCH,
-            spatial_merge_size=_QWEN_MERGE,
-            temporal_patch_size=2,
-            window_size=2 * _QWEN_PATCH * _QWEN_MERGE,
-            fullatt_block_indexes=[1],
-        ),
+        vision_config=_qwen2_5_vision(h),
         audio_config=dict(
             num_mel_bins=_N_MELS,
             encoder_layers=2,

@@ -72,6 +72,9 @@ TrustRemoteCode = Annotated[bool, typer.Option(
 Json = Annotated[bool, typer.Option("--json", help="Print JSON (one object per line).")]
 
 Prompt = Annotated[Optional[str], typer.Argument(help="The prompt, or - to read it from stdin.")]
+Messages = Annotated[Optional[Path], typer.Option(
+    help="Chat history: a JSON list of {role, content}. PROMPT is appended as the last "
+         "user turn; without PROMPT the file's last (user) turn is the prompt.")]
 Images = Annotated[Optional[list[Path]], typer.Option("--image", "-i", help="Image file (repeatable).")]
 Audio = Annotated[Optional[list[Path]], typer.Option("--audio", help="Audio file (repeatable).")]
 Manifest = Annotated[Optional[Path], typer.Option(
@@ -92,6 +95,16 @@ MaxAudioSeconds = Annotated[Optional[float], Finite(
     "--max-audio-seconds", positive=True,
     help="Refuse longer audio clips (an error record) \\[default: the model's audio window, "
          "30 s for Whisper-style encoders].")]
+Monitor = Annotated[bool, typer.Option(
+    "--monitor", help="Watch the answer as it is written: the safety head over prompt + answer "
+                      "so far, updated at every token, stops it when p_unsafe reaches the threshold.")]
+MonitorEvery = Annotated[Optional[int], typer.Option(
+    min=1, help="--monitor: check p_unsafe every N tokens and at the answer's end \\[default: 1].")]
+MonitorThreshold = Annotated[Optional[float], Finite(
+    min=0.0, max=1.0, help="--monitor: stop at p_unsafe at or above this \\[default: the adapter's].")]
+OnFlag = Annotated[Optional[str], typer.Option(
+    help="--monitor: refuse (the adapter's refusal text replaces the answer) or cut (keep the "
+         "answer before the flagged token) \\[default: refuse].")]
 
 
 def check_choice(value: str | None, choices: Sequence[str], option: str) -> None:
@@ -123,6 +136,33 @@ def _input_files(inputs: Iterable[Path | None]) -> list[Path]:
         else:
             files.append(path)
     return files
+
+
+def monitor_options(monitor: bool, every: int | None, threshold: float | None,
+                    on_flag: str | None):
+    """The --monitor options as `casa_cli.monitor.MonitorOptions` (None without --monitor,
+    where the others are a usage error rather than silently ignored)."""
+    from casa_cli.monitor import ON_FLAG, MonitorOptions
+
+    check_choice(on_flag, ON_FLAG, "--on-flag")
+    options = {"every": "--monitor-every", "threshold": "--monitor-threshold", "on_flag": "--on-flag"}
+    given = {name: value for name, value in zip(options, (every, threshold, on_flag))
+             if value is not None}
+    if given and not monitor:
+        raise typer.BadParameter("goes with --monitor", param_hint=options[next(iter(given))])
+    return MonitorOptions(**given) if monitor else None
+
+
+def note_monitor_stop(record: dict, options, shown: bool) -> None:
+    """Say on stderr when the monitor (`options`, from `monitor_options`) stopped an answer
+    that was `shown` as it was written, so that text on screen is never withdrawn silently."""
+    stopped = record.get("monitor", {}).get("stopped_at")
+    if not shown or stopped is None:
+        return
+    after = (f"the text above is withdrawn; the answer is the refusal text: {record['text']!r}"
+             if options.on_flag == "refuse" else "the answer ends before that token")
+    stderr.print(f"{record['id']}: answer stopped by the response monitor at token {stopped} "
+                 f"(p_unsafe {record['monitor']['p_unsafe_max']:.4f}); {after}", markup=False)
 
 
 def show_error(record: dict) -> bool:

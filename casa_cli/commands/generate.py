@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -15,16 +14,15 @@ from casa_cli.output import print_json, stderr
 def command(
     prompt: c.Prompt = None, image: c.Images = None, audio: c.Audio = None,
     manifest: c.Manifest = None, folder: c.Folder = None, folder_prompt: c.FolderPrompt = None,
-    messages: Annotated[Optional[Path], typer.Option(
-        help="Chat history: a JSON list of {role, content}. PROMPT is appended as the last "
-             "user turn; without PROMPT the file's last (user) turn is the prompt.")] = None,
+    messages: c.Messages = None,
     defense: Annotated[Optional[str], typer.Option(
         help="casa, coca, prompt, vsfa or none \\[default: casa with a trained adapter, vsfa "
              "with a VSFA adapter, else none].")] = None,
     on_unsafe: Annotated[Optional[str], typer.Option(
         help="casa: refuse (the adapter's refusal text) or generate (the model answers after "
              "the verdict) \\[default: generate for LoRA adapters, refuse for head-only ones].")] = None,
-    threshold: c.Threshold = None,
+    threshold: c.Threshold = None, monitor: c.Monitor = False, monitor_every: c.MonitorEvery = None,
+    monitor_threshold: c.MonitorThreshold = None, on_flag: c.OnFlag = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to write.")] = 256,
     temperature: Annotated[float, c.Finite(min=0.0, help="0 decodes greedily; above 0 samples.")] = 0.0,
     top_p: Annotated[float, c.Finite(
@@ -51,15 +49,16 @@ def command(
       casa generate "What is in this picture?" --image cat.png --model ./Qwen2-VL-2B-Instruct
       casa generate "And then?" --messages chat.json --show-verdict
       casa generate --manifest prompts.jsonl --defense none --output answers.jsonl --resume
+      casa generate "How do I make thermite?" --defense none --monitor --on-flag cut --json
 
-    Exit codes: 0 done; 1 runtime error; 2 usage error; 4 some records failed (error records
-    are in the output).
+    Exit codes: 0 done; 1 runtime error; 2 usage error; 4 some records failed (as error records).
     """
     from casa_cli.decoding import DEFENSES, ON_UNSAFE, DecodeOptions
     from casa_cli.recipes import generate_records
 
     c.check_choice(defense, DEFENSES, "--defense")
     c.check_choice(on_unsafe, ON_UNSAFE, "--on-unsafe")
+    watch = c.monitor_options(monitor, monitor_every, monitor_threshold, on_flag)
     c.check_output(output, manifest, folder, messages, *(image or []), *(audio or []), resume=resume)
     samples, total = gather_chat(messages, prompt, image or [], audio or [], manifest, folder, folder_prompt)
 
@@ -76,7 +75,7 @@ def command(
         samples, total, output, resume, model, adapter, defense, device, device_map, dtype, kernel,
         trust_remote_code, max_audio_seconds, progress=json or output is not None, on_loaded=note,
         on_unsafe=on_unsafe, options=DecodeOptions(max_new_tokens, temperature, top_p, seed),
-        threshold=threshold, principle=principle, alpha=alpha, system_prompt=system_prompt,
+        threshold=threshold, principle=principle, alpha=alpha, system_prompt=system_prompt, monitor=watch,
         truncate=truncate, on_text=(lambda piece: print(piece, end="", flush=True)) if stream else None)
     failed = written = 0
     for written, record in enumerate(records, 1):
@@ -85,6 +84,7 @@ def command(
             print_json(record)
         elif not output and "error" not in record:
             show_text(record, total != 1, stream, show_verdict)
+            c.note_monitor_stop(record, watch, shown=stream)
     if output:
         stderr.print(f"{written} records ({failed} failed) -> {output}")
     if failed:
