@@ -4,22 +4,16 @@ prefill that captures the hidden states `H` the safety head reads (docs/design.m
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 
+from casa_cli.chat_text import CUT_MARK, ChatText
 from casa_cli.inputs import MAX_AUDIO_SECONDS, InputError, Sample, load_audio, load_image
 from casa_cli.model_sources import locate_model, read_model
 from casa_cli.output import stderr
 
-# Put after the first character of a control-token string found in user text, so that it
-# reads the same but can no longer be tokenised as the control token itself.
-WORD_JOINER = "\u2060"
-# Stands in for the middle of a user text cut to fit the context (`--truncate`).
-CUT_MARK = " [...] "
 
 # accelerate's placement strategies for `device_map` ("auto" fills GPUs in order, then CPU).
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -28,12 +22,14 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 @dataclass
 class Prepared:
     sample: Sample
-    text: str  # the prompt through the chat template
+    text: str  # the prompt through the chat template (and the response after it, if scored)
     media: dict = field(default_factory=dict)  # decoded "images" / "audio" (`load_media`)
     truncated: bool = False  # the middle of the user's text was cut to fit the context
     # A text-only model's tokens for `text` (the tokenizer's output, special tokens added),
     # from the context check; `collate` pads them into the batch (see `tokenise`).
     tokens: dict | None = None
+    # What `text` ends with: "prompt", or "response" (an assistant turn holding a response)
+    scored: str = "prompt"
 
 
 @dataclass
@@ -48,7 +44,7 @@ class Prefill:
 
 
 @dataclass
-class Backbone:
+class Backbone(ChatText):  # chat text, plain user text, the middle cut: casa_cli/chat_text.py
     model: torch.nn.Module
     processor: object  # a ProcessorMixin for multimodal families, else the tokenizer
     family: str
@@ -119,39 +115,6 @@ class Backbone:
         return layer
 
     # --- inputs ----------------------------------------------------------------------
-    @cached_property
-    def control_tokens(self) -> re.Pattern | None:
-        """Every added token of the tokenizer (chat markers such as <|im_start|>, media
-        placeholders such as <image>): strings that tokenise to a control token."""
-        strings = {str(token) for token in self.tokenizer.added_tokens_decoder.values()}
-        strings |= set(self.tokenizer.all_special_tokens)
-        strings = sorted((t for t in strings if len(t) > 1 and t.strip()), key=len, reverse=True)
-        return re.compile("|".join(map(re.escape, strings))) if strings else None
-
-    def plain_text(self, text: str) -> str:
-        """User-supplied `text` that can never produce a control token: a word joiner goes
-        after the first character of each control-token string in it (a typed <|im_end|>
-        must not end the user's turn, nor a typed <image> claim an image slot)."""
-        if self.control_tokens is None:
-            return text
-        return self.control_tokens.sub(lambda m: m[0][0] + WORD_JOINER + m[0][1:], text)
-
-    def chat_text(self, sample: Sample) -> str:
-        """The prompt as the model's chat template writes it, ready for generation. Message
-        contents are user data: their control-token strings are neutralised (`plain_text`)."""
-        messages = [{**m, "content": self.plain_text(m["content"])} for m in sample.messages]
-        if self.modalities:  # processors' templates want structured content
-            for message in messages:
-                message["content"] = [{"type": "text", "text": message["content"]}]
-            media = [{"type": "image"} for _ in sample.images]
-            media += [{"type": "audio", "audio": str(p)} for p in sample.audio]
-            messages[-1]["content"] = media + messages[-1]["content"]
-        template_owner = self.processor if self.modalities else self.tokenizer
-        if getattr(template_owner, "chat_template", None):
-            return template_owner.apply_chat_template(messages, add_generation_prompt=True,
-                                                      tokenize=False)
-        return "\n".join(m["content"] for m in messages)
-
     def check_modalities(self, sample: Sample) -> None:
         unsupported = sample.modalities - {"text"} - self.modalities
         if unsupported:
@@ -180,14 +143,15 @@ class Backbone:
         return media
 
     def prepare(self, sample: Sample, truncate: bool = False, reserve: int = 1,
-                decode_media: bool = True) -> Prepared:
+                decode_media: bool = True, response: str | None = None) -> Prepared:
         """Check one sample, fit it to the context and (unless `decode_media` is False:
         `load_media` later, just before its batch runs) decode its media; raises InputError
         naming the input. Every prompt must leave `reserve` positions free (the safety
-        token, any new tokens)."""
+        token, any new tokens). With a `response`, the text is the (prompt, response) pair
+        (`chat_text`)."""
         sample.check()
         self.check_modalities(sample)
-        prepared = self.fit_context(sample, truncate, reserve)
+        prepared = self.fit_context(sample, truncate, reserve, response)
         if decode_media:
             self.load_media(prepared)
         return prepared
@@ -216,37 +180,38 @@ class Backbone:
     def encode(self, samples: list[Sample], truncate: bool = False, reserve: int = 1):
         return self.collate([self.prepare(s, truncate, reserve) for s in samples])
 
-    def fit_context(self, sample: Sample, truncate: bool, reserve: int) -> Prepared:
-        """`sample` through the chat template and (text-only models) tokenised, its media not
-        yet decoded; an error if it overflows the context. With `truncate` (text-only
-        prompts) the middle of the user's text is cut to fit, keeping its start and its
-        end: a request at either end survives, and an attack cannot push it out of view
-        with padding on one side."""
-        text = self.chat_text(sample)
+    def fit_context(self, sample: Sample, truncate: bool, reserve: int,
+                    response: str | None = None) -> Prepared:
+        """`sample` (and `response` after it, if given) through the chat template and
+        (text-only models) tokenised, its media not yet decoded; an error if it overflows
+        the context. With `truncate` (text only) the middle of the user's text, or of the
+        response when that is the longer (`middle_cuts`), is cut to fit, keeping its start
+        and its end: a request at either end survives, and an attack cannot push it out of
+        view with padding on one side."""
+        text = self.chat_text(sample, response)
+        scored = "prompt" if response is None else "response"
+        what = "prompt" if response is None else "prompt with its response"
         budget = self.max_positions - reserve
         length, tokens = self.tokenise(text)
         if length <= budget:
-            return Prepared(sample, text, tokens=tokens)
+            return Prepared(sample, text, tokens=tokens, scored=scored)
         # Media expand into many tokens inside the processor; the check above counts only
         # their placeholders, so the model itself would still catch an overflow there.
         if not truncate or sample.images or sample.audio:
-            raise InputError(f"{sample.id}: prompt is {length} tokens, over the model's "
+            raise InputError(f"{sample.id}: {what} is {length} tokens, over the model's "
                              f"context of {budget} (use --truncate to cut text prompts)")
-        user_ids = self.tokenizer(sample.text, add_special_tokens=False)["input_ids"]
+        parts = [sample.text] + ([] if response is None else [response])
         drop = length - budget + self.count_tokens(CUT_MARK)
-        while drop < len(user_ids):  # decoding and re-encoding can shift a token or two
-            kept = len(user_ids) - drop
-            head, tail = user_ids[:(kept + 1) // 2], user_ids[len(user_ids) - kept // 2:]
-            middle_cut = (self.tokenizer.decode(head) + CUT_MARK
-                          + self.tokenizer.decode(tail)).strip()
+        # Decoding and re-encoding can shift a token or two: cut more until it fits.
+        while (cuts := self.middle_cuts(parts, drop)) is not None:
             cut = self.chat_text(Sample(id=sample.id, messages=[
-                *sample.messages[:-1], {"role": "user", "content": middle_cut}]))
+                *sample.messages[:-1], {"role": "user", "content": cuts[0]}]), *cuts[1:])
             cut_length, tokens = self.tokenise(cut)
             excess = cut_length - budget
             if excess <= 0:
-                stderr.print(f"warning: {sample.id}: prompt truncated from {length} to "
-                             f"{budget + excess} tokens (the middle of the text cut)")
-                return Prepared(sample, cut, truncated=True, tokens=tokens)
+                stderr.print(f"warning: {sample.id}: {what} truncated from {length} to "
+                             f"{budget + excess} tokens (the middle cut)")
+                return Prepared(sample, cut, truncated=True, tokens=tokens, scored=scored)
             drop += excess
         raise InputError(f"{sample.id}: the chat template alone overflows the context")
 

@@ -10,8 +10,9 @@ By hand:
 
 Prompts come from the benchmark readers (``casa_cli.data.benchmarks``) or the registry
 prompt sets (``casa_cli.data.prompt_sets``), both as the readers' record dicts. A per-prompt
-result is such a record plus ``defence``, ``response``, ``refused``, ``latency_ms`` and, for
-CASA, its ``verdict`` and ``score`` (p_unsafe): the shape ``metrics.defence_metrics`` reads.
+result is such a record plus ``defence``, ``response``, ``refused``, ``latency_ms``, for
+CASA its ``verdict`` and ``score`` (p_unsafe), and with a response monitor its ``monitor``
+fields: the shape ``metrics.defence_metrics`` reads.
 """
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ from casa_cli.distributed import Shard, World, launched, merge
 from casa_cli.inputs import InputError, Sample, refuse_duplicate_ids
 from casa_cli.judges import is_refusal
 from casa_cli.metrics import breakdown, defence_metrics, modality
-from casa_cli.output import RecordWriter, read_records, strict_json
+from casa_cli.monitor import MonitorOptions
+from casa_cli.output import RecordWriter, read_records
 from casa_cli.pipeline import Casa, error_record, load
 from casa_cli.render import render_many
-from casa_cli.report import Report, write_report
+from casa_cli.report import Report, write_outputs
 
 RENDERERS = ("figstep",)
 PHRASE_JUDGE = "phrases (casa_cli.judges.is_refusal)"
@@ -206,15 +208,19 @@ def result_key(result: dict) -> tuple[str | None, str]:
 
 
 def answer(casa, record: dict, defence: str, judge: Callable[[str, str], bool],
-           options: DecodeOptions, threshold: float | None, truncate: bool) -> dict:
+           options: DecodeOptions, threshold: float | None, truncate: bool,
+           monitor: MonitorOptions | None = None) -> dict:
     """One prompt under one defence, judged: the per-prompt result, or an error record (a
-    malformed manifest line is one under every defence, and is never run)."""
+    malformed manifest line is one under every defence, and is never run). With `monitor`
+    the answer is decoded under the response monitor: one it replaced by the refusal text
+    is refused without asking the judge (that text is what the user sees); one it cut is
+    judged on the tokens kept, as any answer is."""
     if "error" in record:
         return {"defence": defence, "id": record["id"], "error": record["error"]}
     started = time.perf_counter()
     try:
         generation = casa.generate(to_sample(record), defence, options=options,
-                                   threshold=threshold, truncate=truncate)
+                                   threshold=threshold, truncate=truncate, monitor=monitor)
     except (InputError, RuntimeError, ValueError) as err:
         return {"defence": defence, **error_record(record["id"], err)}
     latency_ms = (time.perf_counter() - started) * 1000
@@ -222,27 +228,36 @@ def answer(casa, record: dict, defence: str, judge: Callable[[str, str], bool],
               "label": record.get("label"), "category": record.get("category"),
               "images": record.get("images", []), "audio": record.get("audio"),
               "prompt": record["text"], "response": generation.text,
-              "refused": judge(record["text"], generation.text),
+              "refused": ((stopped(generation.monitor) and generation.refused)
+                          or judge(record["text"], generation.text)),
               "new_tokens": len(generation.tokens), "latency_ms": round(latency_ms, 3)}
     if generation.p_unsafe is not None:  # casa: the verdict's score feeds the ROC metrics
         result.update(verdict=generation.verdict, score=round(generation.p_unsafe, 6))
+    if generation.monitor is not None:
+        result["monitor"] = generation.monitor
     return result
+
+
+def stopped(monitor: dict | None) -> bool:
+    """A result's (or Generation's) `monitor` fields say the monitor stopped the answer."""
+    return monitor is not None and monitor["stopped_at"] is not None
 
 
 def answer_all(casa, records: list[dict], defences: Iterable[str],
                judge: Callable[[str, str], bool] = phrase_judge,
                options: DecodeOptions | None = None, threshold: float | None = None,
-               truncate: bool = False, skip: set = frozenset()) -> Iterator[dict]:
+               truncate: bool = False, skip: set = frozenset(),
+               monitor: MonitorOptions | None = None) -> Iterator[dict]:
     """Every record under every defence, judged, one result at a time. Prompt-major order, so
     an interrupted run still compares the defences on the same prompts. (defence, id) pairs
     in ``skip`` (answered by an earlier run: ``distributed.Shard.already_done``) are not run
-    again."""
+    again. `monitor`: decode every answer under the response monitor (see `answer`)."""
     defences = list(defences)
     options = options or DecodeOptions()
     for record in records:
         for defence in defences:
             if (defence, record["id"]) not in skip:
-                yield answer(casa, record, defence, judge, options, threshold, truncate)
+                yield answer(casa, record, defence, judge, options, threshold, truncate, monitor)
 
 
 def collect(records_path: str | Path, records: list[dict], defences: Iterable[str]) -> list[dict]:
@@ -262,7 +277,7 @@ def summarise(results: list[dict], casa, judge: str = PHRASE_JUDGE,
               threshold: float | None = None, **run) -> dict:
     """metrics.json: per-defence metrics (``metrics.defence_metrics`` plus mean latency and
     failures), the same by source, modality and category, and what was run (``run``: any
-    further facts worth keeping, such as sets and max_new_tokens)."""
+    further facts worth keeping, such as sets, max_new_tokens and `monitor`)."""
     threshold = casa.config.threshold if threshold is None else threshold
     ok = [r for r in results if "error" not in r]
     defences = defence_metrics(ok, threshold)
@@ -274,6 +289,8 @@ def summarise(results: list[dict], casa, judge: str = PHRASE_JUDGE,
                                       if mine else None)
         metrics["new_tokens_mean"] = (round(sum(r["new_tokens"] for r in mine) / len(mine), 2)
                                       if mine else None)
+        if run.get("monitor"):  # answers the response monitor stopped
+            metrics["monitor_stops"] = sum(stopped(r.get("monitor")) for r in mine)
     return {"model": casa.backbone.source,
             "adapter": casa.adapter_name,
             "adapter_trained": casa.trained, "judge": judge, "threshold": threshold,
@@ -282,29 +299,6 @@ def summarise(results: list[dict], casa, judge: str = PHRASE_JUDGE,
             "by_source": breakdown(ok, "source", threshold),
             "by_modality": breakdown(ok, modality, threshold),
             "by_category": breakdown(ok, "category", threshold)}
-
-
-def write_outputs(metrics: dict, out_dir: str | Path, title: str = "casa eval") -> dict:
-    """report.md, roc.png, tradeoff.png (``report.write_report``) and metrics.json in
-    ``out_dir``, with what was run and each defence's cost appended to the report."""
-    out = Path(out_dir)
-    paths = write_report(metrics["defences"], out, title=title,
-                         breakdowns={"source": metrics["by_source"],
-                                     "modality": metrics["by_modality"],
-                                     "category": metrics["by_category"]})
-    facts = {k: v for k, v in metrics.items()
-             if k not in ("defences", "by_source", "by_modality", "by_category")}
-    lines = ["## Run", ""] + [f"- {key}: {value}" for key, value in facts.items()] + [
-        "", "## Cost per prompt", "",
-        "| defence | mean latency (ms) | mean new tokens | failed |", "|---|---:|---:|---:|"]
-    lines += [f"| {d} | {m.get('latency_ms_mean')} | {m.get('new_tokens_mean')} | {m.get('errors', 0)} |"
-              for d, m in metrics["defences"].items()]
-    with paths["markdown"].open("a", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    paths["metrics"] = out / "metrics.json"
-    paths["metrics"].write_text(json.dumps(strict_json(metrics), indent=1, ensure_ascii=False) + "\n",
-                                encoding="utf-8")
-    return paths
 
 
 # ---------------------------------------------------------------------------- the whole run
@@ -319,6 +313,7 @@ def evaluate(out: str | Path, model: str | None = None, adapter: str | Path | No
              device_map: str | None = None, dtype: str = "auto", kernel: str = "auto",
              trust_remote_code: bool = False, truncate: bool = False,
              max_audio_seconds: float | None = None, resume: bool = False,
+             monitor: MonitorOptions | bool | None = None,
              on_loaded: Callable[[Casa], None] | None = None,
              on_result: Callable[[dict], None] | None = None) -> Report:
     """Answer labelled prompts (one source: `manifest`, `benchmark` or registry `sets`)
@@ -326,12 +321,15 @@ def evaluate(out: str | Path, model: str | None = None, adapter: str | Path | No
     `judge_model`), and write records.jsonl, report.md, roc.png, tradeoff.png and
     metrics.json to `out`. `render="figstep"` first turns each text prompt into a FigStep
     image attack (in out/figstep/). `resume` keeps out/records.jsonl and answers only the
-    (defence, id) pairs it lacks. `on_loaded(casa)` is told of the model once loaded, and
-    `on_result(result)` of each result as it is written.
+    (defence, id) pairs it lacks. `monitor` decodes every answer under the response monitor
+    (`MonitorOptions`; True: every token, the adapter's threshold, refuse; see `answer`).
+    `on_loaded(casa)` is told of the model once loaded, `on_result(result)` of each result
+    as it is written.
 
     Under torchrun every rank answers its share and rank 0 merges, summarises and writes;
     the others get a Report without metrics (`failed` counts every rank's failures)."""
     defences, sets = list(defences), list(sets)
+    monitor = MonitorOptions() if monitor is True else monitor or None
     unknown = [d for d in defences if d not in DEFENSES]
     if unknown:
         raise InputError(f"unknown defence {unknown[0]!r}; expected some of {', '.join(DEFENSES)}")
@@ -364,7 +362,7 @@ def evaluate(out: str | Path, model: str | None = None, adapter: str | Path | No
                     job.progress("eval", per_sample=len(defences)) as advance:
                 for result in answer_all(casa, [by_id[s.id] for s in job.samples], defences, judge,
                                          DecodeOptions(max_new_tokens), threshold, truncate,
-                                         skip=job.already_done):
+                                         skip=job.already_done, monitor=monitor):
                     writer.write(result)
                     advance(1)
                     if on_result:
@@ -377,7 +375,10 @@ def evaluate(out: str | Path, model: str | None = None, adapter: str | Path | No
         return Report(metrics=None, paths={}, results=0, failed=failed)
     source = str(manifest) if manifest else str(benchmark) if benchmark else ", ".join(sets)
     metrics = summarise(results, casa, judge_name, threshold, prompt_source=source,
-                        render=render, limit=limit, max_new_tokens=max_new_tokens)
+                        render=render, limit=limit, max_new_tokens=max_new_tokens,
+                        monitor=monitor and {
+                            "every": monitor.every, "on_flag": monitor.on_flag, "threshold":
+                            casa.config.threshold if monitor.threshold is None else monitor.threshold})
     paths = write_outputs(metrics, out, title=f"casa eval: {casa.backbone.source}")
     return Report(metrics, {"records": records_path, **paths}, len(results), failed)
 

@@ -24,7 +24,8 @@ MAX_AUDIO_SECONDS = 30.0
 LABEL_ALIASES = {"harmful": "harmful", "unsafe": "harmful", "1": "harmful", "true": "harmful",
                  "benign": "benign", "safe": "benign", "0": "benign", "false": "benign"}
 # The keys a manifest line may have that read_manifest interprets; others go to Sample.extra.
-MANIFEST_FIELDS = {"id", "text", "prompt", "image", "images", "audio", "label", "category"}
+MANIFEST_FIELDS = {"id", "text", "prompt", "image", "images", "audio", "label", "category",
+                   "response"}
 
 
 class InputError(ValueError):
@@ -36,7 +37,10 @@ class Sample:
     """One prompt: chat messages (plain-string contents) plus media files for the last user
     turn. `error` holds why the record could not even be read (kept so the batch reports it).
     A manifest sample also has `origin` ("file:line", for messages about it) and `extra`, the
-    line's keys the reader does not interpret (such as a VSFA dataset's `answer`)."""
+    line's keys the reader does not interpret (such as a VSFA dataset's `answer`).
+    `response`: an answer to the prompt, for `casa classify` to score the (prompt, response)
+    pair (issue 17; for now with the prompt head: no response head is trained yet); the
+    other commands read the prompt alone."""
     id: str
     messages: list[dict] = field(default_factory=list)
     images: list[Path] = field(default_factory=list)
@@ -46,6 +50,7 @@ class Sample:
     error: str | None = None
     origin: str | None = None
     extra: dict = field(default_factory=dict)
+    response: str | None = None
 
     @property
     def text(self) -> str:
@@ -79,12 +84,19 @@ class Sample:
                 raise InputError(f"{path}: no such file")
 
 
-def prompt_sample(text: str, images=(), audio=(), sample_id: str = "prompt") -> Sample:
-    """A sample from the command line; `-` reads the prompt from stdin."""
+def prompt_sample(text: str, images=(), audio=(), sample_id: str = "prompt",
+                  response: str | None = None) -> Sample:
+    """A sample from the command line; `-` reads the prompt, or else the `response`, from
+    stdin (not both: stdin is one text)."""
+    if text == "-" and response == "-":
+        raise InputError("the prompt and --response cannot both be - (stdin is one text)")
     if text == "-":
         text = sys.stdin.read()
+    if response == "-":
+        response = sys.stdin.read()
     return Sample(id=sample_id, messages=[{"role": "user", "content": text}],
-                  images=[Path(p) for p in images], audio=[Path(p) for p in audio])
+                  images=[Path(p) for p in images], audio=[Path(p) for p in audio],
+                  response=response)
 
 
 def normalise_label(value) -> str | None:
@@ -101,8 +113,8 @@ def normalise_label(value) -> str | None:
 
 def read_manifest(path: Path) -> Iterator[Sample]:
     """JSONL: one object a line with `text` (or `prompt`) and optional `id`, `image` or
-    `images`, `audio`, `label`, `category`; other keys are kept in `Sample.extra`. Media paths
-    resolve against the manifest's folder.
+    `images`, `audio`, `label`, `category`, `response`; other keys are kept in
+    `Sample.extra`. Media paths resolve against the manifest's folder.
 
     Every command reads manifests here, so a line has the same id and the same checks
     everywhere. A malformed line of any kind yields a sample carrying its error
@@ -198,13 +210,20 @@ def _sample_from(obj: dict, base: Path, sample_id: str, where: str) -> Sample:
         raise _BadLine("give 'image' or 'images', not both")
     images = _paths(obj, "image" if obj.get("image") is not None else "images", base)
     audio = _paths(obj, "audio", base)
-    category = obj.get("category")
-    if category is not None and not isinstance(category, str):
-        raise _BadLine(f"'category' must be a string, got {type(category).__name__}")
+    category, response = _optional_string(obj, "category"), _optional_string(obj, "response")
+    if response is not None and not response.strip():
+        raise _BadLine("empty response")
     return Sample(id=sample_id, messages=[{"role": "user", "content": text}],
                   images=images, audio=audio, label=normalise_label(obj.get("label")),
-                  category=category, origin=where,
+                  category=category, origin=where, response=response,
                   extra={k: v for k, v in obj.items() if k not in MANIFEST_FIELDS})
+
+
+def _optional_string(obj: dict, key: str) -> str | None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        raise _BadLine(f"'{key}' must be a string, got {type(value).__name__}")
+    return value
 
 
 def _paths(obj: dict, key: str, base: Path) -> list[Path]:
@@ -300,16 +319,19 @@ def refuse_duplicate_ids(ids: Iterable[str], source: str, shown: int = 5) -> Non
 
 
 def gather(prompt: str | None = None, images=(), audio=(), manifest: Path | None = None,
-           folder: Path | None = None, folder_prompt: str | None = None
-           ) -> tuple[Iterable[Sample], int | None]:
+           folder: Path | None = None, folder_prompt: str | None = None,
+           response: str | None = None) -> tuple[Iterable[Sample], int | None]:
     """The samples a command was given (exactly one source) and how many, when known. A
-    manifest is read whole (samples are small), so duplicate ids are refused before any work."""
+    manifest is read whole (samples are small), so duplicate ids are refused before any work.
+    `response` (`casa classify --response`) goes with a PROMPT; a manifest line has its own."""
     sources = [prompt is not None, manifest is not None, folder is not None]
     if sum(sources) != 1:
         raise InputError("give exactly one input: a PROMPT (or - for stdin), "
                          "--manifest FILE.jsonl, or --folder DIR --prompt TEXT")
     if (images or audio) and prompt is None:
         raise InputError("--image and --audio go with a PROMPT; a manifest names its own media")
+    if response is not None and prompt is None:
+        raise InputError("--response goes with a PROMPT; a manifest line has its own 'response'")
     if manifest is not None:
         samples = list(read_manifest(manifest))
         refuse_duplicate_ids((s.id for s in samples), str(manifest))
@@ -319,4 +341,4 @@ def gather(prompt: str | None = None, images=(), audio=(), manifest: Path | None
             raise InputError("--folder needs --prompt TEXT to pair with each file")
         samples = list(read_folder(folder, folder_prompt))
         return iter(samples), len(samples)
-    return iter([prompt_sample(prompt, images, audio)]), 1
+    return iter([prompt_sample(prompt, images, audio, response=response)]), 1

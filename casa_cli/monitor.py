@@ -32,6 +32,9 @@ class MonitorOptions:
     # refuse: the adapter's refusal text replaces the answer; cut: the answer keeps the
     # tokens before the flagged one
     on_flag: str = "refuse"
+    # False: every check is made as usual but none stops the answer (stopped_at stays None):
+    # `casa profile --monitor` times whole answers with the monitor's full cost
+    stop: bool = True
 
     def __post_init__(self):
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
@@ -52,6 +55,7 @@ class Monitor:
 
     def __init__(self, casa, prefill: Prefill, options: MonitorOptions):
         self.backbone, self.head, self.every = casa.backbone, casa.head, options.every
+        self.stop = options.stop
         self.threshold = casa.config.threshold if options.threshold is None else options.threshold
         self.layer = casa.backbone.resolve_layer(casa.config.layer)
         self.state = casa.head.attention_state(prefill.H[-1:], prefill.mask[-1:])
@@ -92,9 +96,9 @@ class Monitor:
         flagged = verdict(p_unsafe, self.threshold) == "unsafe"  # raises when not finite
         self.checks, self.covered = self.checks + 1, self.answered
         self.p_unsafe_max = max(p_unsafe, self.p_unsafe_max or 0.0)
-        if flagged:
+        if flagged and self.stop:
             self.stopped_at = self.answered - 1
-        return flagged
+        return flagged and self.stop
 
     def record(self) -> dict:
         """The generate record's "monitor" field."""

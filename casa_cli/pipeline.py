@@ -86,9 +86,11 @@ class Casa:
     # --- classify ---------------------------------------------------------------------
     def verdicts(self, prepared: list[Prepared], threshold: float | None = None,
                  explain: int = 0) -> list[dict]:
-        """Run one batch through prefill and the safety head; one record per sample. With
-        `explain`, each record lists the prompt tokens that pushed z up the most. A sample
-        whose score is not a finite probability gets an error record, never a verdict."""
+        """Run one batch through prefill and the safety head; one record per sample, whose
+        `scored` says what was read: "prompt", or "response" (the prompt and the response
+        after it; `prompt_tokens` then counts both). With `explain`, each record lists the
+        tokens that pushed z up the most. A sample whose score is not a finite probability
+        gets an error record, never a verdict."""
         threshold = self.config.threshold if threshold is None else threshold  # `verdict` checks it
         started = time.perf_counter()
         batch = self.backbone.collate(prepared)
@@ -104,7 +106,7 @@ class Casa:
             except ValueError as err:
                 records.append(error_record(p.sample.id, err))
                 continue
-            record = {"id": p.sample.id, "verdict": judged,
+            record = {"id": p.sample.id, "scored": p.scored, "verdict": judged,
                       "p_unsafe": round(p_unsafe, 6), "z": round(float(out.z[i]), 6),
                       "lm_log_odds": round(float(out.lm_log_odds[i]), 6),
                       "prompt_tokens": int(prefill.mask[i].sum()),
@@ -135,7 +137,14 @@ class Casa:
         run loses at most the batch in flight). Samples are read `batch_size` x
         WINDOW_BATCHES at a time and batched by length, so records come in input order only
         within a batch: match them by `id`. A sample that fails yields an error record
-        `{"id", "error"}` and the rest go on. `on_batch(n)` is told of each finished batch."""
+        `{"id", "error"}` and the rest go on. `on_batch(n)` is told of each finished batch.
+
+        A sample with a `response` is scored as the (prompt, response) pair, in one prefill:
+        the head attends over the chat-formatted prompt and the assistant turn holding the
+        response, h_last its last token (what `generate --monitor` has computed when an
+        answer ends). Until a head is trained on responses (issue 17), that verdict uses the
+        prompt head and its threshold. Pairs and prompts share batches; each record's
+        `scored` ("prompt" or "response") says which it is."""
         if threshold is not None:
             check_threshold(threshold)
         window: list[Sample] = []
@@ -154,7 +163,8 @@ class Casa:
         failed = []
         for index, sample in enumerate(window):
             try:
-                ready.append((index, self.backbone.prepare(sample, truncate, decode_media=False)))
+                ready.append((index, self.backbone.prepare(sample, truncate, decode_media=False,
+                                                           response=sample.response)))
             except InputError as err:
                 failed.append(error_record(sample.id, err))
         yield from failed

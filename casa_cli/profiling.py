@@ -18,6 +18,11 @@ decoding does not: load time, input preparation, the safety head alone on a capt
   prompt wrapped in a classification prompt, prefilled, and a verdict of a few tokens
   decoded, before the plain model (`none`, the same round's run) answers. Its `safety_ms`
   is that whole guard call, beside CASA's head step on the prefill the model does anyway.
+- `monitor` (`casa profile --monitor`): each defence's run is followed, in the same round,
+  by the same decode under the response monitor checking every token (`WATCH`: it never
+  stops the answer), and the monitor's cost per decode step is taken against that round's
+  unmonitored run (`monitored`). The monitor follows one row (`Casa.generate`'s copies are
+  copies of one prompt). `guard` answers with the plain model, so it shows `none`'s figures.
 """
 from __future__ import annotations
 
@@ -32,48 +37,21 @@ from typing import Callable
 import torch
 
 from casa_cli.decoding import DEFENSES, DecodeOptions, sync_clock
-from casa_cli.head import kernel_available
+from casa_cli.guard import GUARD_PROMPT, GUARD_VERDICT_TOKENS, guard_sample
+from casa_cli.head import kernel_available, verdict
 from casa_cli.inputs import InputError, Sample, prompt_sample
+from casa_cli.monitor import MonitorOptions
 from casa_cli.pipeline import Casa, load, peak_rss_mb
 
 PROFILED = ("none", *[d for d in DEFENSES if d != "none"], "guard")
 DEFAULT_DEFENSES = ("none", "casa", "coca", "prompt", "guard")
-# "unsafe\nS9" plus a token or two: a guard's longest usual verdict. Decoding exactly this
-# many keeps the guard's cost the same whatever the (untrained) model happens to write.
-GUARD_VERDICT_TOKENS = 5
-# Llama Guard 3's prompt-classification template, its categories abridged to their names.
-GUARD_PROMPT = """Task: Check if there is unsafe content in 'User' messages in conversations according to our safety policy with the below categories.
-
-<BEGIN UNSAFE CONTENT CATEGORIES>
-S1: Violent Crimes.
-S2: Non-Violent Crimes.
-S3: Sex-Related Crimes.
-S4: Child Sexual Exploitation.
-S5: Defamation.
-S6: Specialized Advice.
-S7: Privacy.
-S8: Intellectual Property.
-S9: Indiscriminate Weapons.
-S10: Hate.
-S11: Suicide & Self-Harm.
-S12: Sexual Content.
-S13: Elections.
-S14: Code Interpreter Abuse.
-<END UNSAFE CONTENT CATEGORIES>
-
-<BEGIN CONVERSATION>
-
-User: {prompt}
-
-<END CONVERSATION>
-
-Provide your safety assessment for ONLY THE LAST User message in the above conversation:
-- First line must read 'safe' or 'unsafe'.
-- If unsafe, a second line must include a comma-separated list of violated categories."""
 # Ordinary prose: it tokenises like real prompts (no degenerate runs of one token).
 FILLER = ("Rivers carry sand from the mountains down to the sea, and the sea returns it to "
           "the shore as beaches that shift with every storm and every season of the year. ")
 HEAD_CALLS = 50  # the head alone takes microseconds: many calls give a stable median
+# The monitor as `casa generate --monitor` runs it (every token checked against the
+# adapter's threshold), except that no check stops the answer: it decodes all new tokens.
+WATCH = MonitorOptions(every=1, stop=False)
 
 
 @dataclass
@@ -88,6 +66,7 @@ class Grid:
     images: tuple[Path, ...] = ()
     audio: tuple[Path, ...] = ()
     guard_prompt: str = GUARD_PROMPT  # {prompt} marks where the user's prompt goes
+    monitor: bool = False  # also time each defence's decode under the response monitor
 
     def __post_init__(self):
         unknown = [d for d in self.defenses if d not in PROFILED]
@@ -109,8 +88,13 @@ class Grid:
     @property
     def runs(self) -> int:
         """Generation runs in all, for a progress bar."""
-        return (len(self.prompt_tokens) * len(self.batches) * (self.warmup + self.repeats)
-                * len(self.defenses))
+        per_round = sum(1 + self.watches(d) for d in self.defenses)
+        return len(self.prompt_tokens) * len(self.batches) * (self.warmup + self.repeats) * per_round
+
+    def watches(self, defense: str) -> bool:
+        """`defense` is timed under the monitor too: with `monitor`, all but the guard (whose
+        answer is the plain model's)."""
+        return self.monitor and defense != "guard"
 
 
 @dataclass
@@ -178,12 +162,6 @@ def synthetic_sample(casa: Casa, tokens: int, images=(), audio=(), reserve: int 
                      "(the chat template and media alone may be longer)")
 
 
-def guard_sample(sample: Sample, template: str) -> Sample:
-    """The user's prompt (and media) inside the guard's classification prompt."""
-    return prompt_sample(template.replace("{prompt}", sample.text), sample.images, sample.audio,
-                         sample_id=f"{sample.id}-guard")
-
-
 def stats(values: list[float]) -> dict:
     return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
             "max": round(max(values), 4)}
@@ -213,8 +191,30 @@ def measure_inputs(casa: Casa, sample: Sample, batch: int, grid: Grid) -> dict:
                     casa.head(prefill.H, prefill.mask, backend=backend)
                 calls.append(timer.ms * 1000)
             head_us[backend] = stats(calls[grid.warmup + 2:])
-    return {"input_tokens": int(inputs["input_ids"].shape[1]),
-            "prepare_ms": stats(prepare[grid.warmup:]), "safety_head_us": head_us}
+    measured = {"input_tokens": int(inputs["input_ids"].shape[1]),
+                "prepare_ms": stats(prepare[grid.warmup:]), "safety_head_us": head_us}
+    if grid.monitor:
+        measured["monitor_us"] = measure_monitor(casa, prefill, grid)
+    return measured
+
+
+@torch.no_grad()
+def measure_monitor(casa: Casa, prefill, grid: Grid) -> dict:
+    """The response monitor's own work per decoded token, alone, in microseconds, on the
+    last row of `prefill`: the capture hook's final norm of one position (below the last
+    layer; at it the norm runs anyway), `SafetyHead.step` and the check (p_unsafe read back,
+    the verdict), as `monitor.Monitor.advance` does them."""
+    backbone = casa.backbone
+    last = backbone.resolve_layer(casa.config.layer) == backbone.num_layers
+    norm = (lambda h: h) if last else backbone.final_norm()
+    state, h = casa.head.attention_state(prefill.H[-1:], prefill.mask[-1:]), prefill.H[-1:, -1]
+    calls = []
+    for _ in range(grid.warmup + 2 + HEAD_CALLS):
+        with Timer(backbone.device) as timer:
+            state, out = casa.head.step(state, norm(h))
+            verdict(float(out.p_unsafe[0]), casa.config.threshold)
+        calls.append(timer.ms * 1000)
+    return stats(calls[grid.warmup + 2:])
 
 
 def run_defense(casa: Casa, defense: str, sample: Sample, batch: int, grid: Grid) -> dict:
@@ -224,6 +224,31 @@ def run_defense(casa: Casa, defense: str, sample: Sample, batch: int, grid: Grid
     options = DecodeOptions(max_new_tokens=grid.new_tokens, ignore_eos=True)
     answer = casa.generate(sample, defense, on_unsafe="generate", options=options, copies=batch)
     return {"input_tokens": answer.prompt_tokens, **answer.timings}
+
+
+def run_monitored(casa: Casa, defense: str, sample: Sample, batch: int, grid: Grid) -> float:
+    """The same decode as `run_defense`'s under the response monitor (`WATCH`), in ms per
+    decode step. A monitored answer also feeds its last token, so that the token is checked:
+    its `new_tokens` tokens take `new_tokens` steps after the first token, where an
+    unmonitored answer takes one fewer (`monitored` counts that step apart)."""
+    options = DecodeOptions(max_new_tokens=grid.new_tokens, ignore_eos=True)
+    answer = casa.generate(sample, defense, on_unsafe="generate", options=options, copies=batch,
+                           monitor=WATCH)
+    steps = len(answer.tokens)
+    if answer.monitor is None or answer.monitor["checks"] != steps or steps != grid.new_tokens:
+        raise RuntimeError(f"the monitored {defense} run decoded {steps} of {grid.new_tokens} "
+                           f"tokens with {answer.monitor and answer.monitor['checks']} checks")
+    return 1000 * (steps - 1) / answer.timings["decode_tokens_per_s"] / steps
+
+
+def monitored(run: dict, steps: int) -> dict:
+    """The monitor's cost in `run` (its `monitor_decode_ms_per_token` from `run_monitored`
+    beside its own unmonitored decode): ms and % of a decode step, and % of the whole decode
+    of an answer of `steps` tokens, the monitored answer's extra last step included."""
+    plain, watched = run["decode_ms_per_token"], run["monitor_decode_ms_per_token"]
+    return {"monitor_ms_per_token": watched - plain,
+            "monitor_pct_of_decode_step": 100 * (watched - plain) / plain,
+            "monitor_pct_of_answer_decode": 100 * (watched * steps / (plain * (steps - 1)) - 1)}
 
 
 def run_guard(casa: Casa, guarded: Sample, batch: int) -> dict:
@@ -237,13 +262,16 @@ def run_guard(casa: Casa, guarded: Sample, batch: int) -> dict:
             "guard_prefill_ms": verdict.timings["prefill_ms"]}
 
 
-def with_ratios(run: dict, plain: dict) -> dict:
-    """Derived per-run figures, against the `none` run of the same round."""
+def with_ratios(run: dict, plain: dict, new_tokens: int) -> dict:
+    """Derived per-run figures, against the `none` run of the same round (the monitor's:
+    against the defence's own unmonitored run)."""
     run = dict(run)
     if "prefill_ms" not in run:  # the guard: the plain model answers after its verdict
         run.update(input_tokens=plain["input_tokens"], prefill_ms=plain["prefill_ms"],
                    first_token_ms=run["safety_ms"] + plain["first_token_ms"],
                    decode_tokens_per_s=plain["decode_tokens_per_s"])
+        if "monitor_decode_ms_per_token" in plain:
+            run["monitor_decode_ms_per_token"] = plain["monitor_decode_ms_per_token"]
         if "peak_gpu_mb" in plain:
             run["peak_gpu_mb"] = max(run["peak_gpu_mb"], plain["peak_gpu_mb"])
     run["decode_ms_per_token"] = 1000 / run["decode_tokens_per_s"]
@@ -252,6 +280,8 @@ def with_ratios(run: dict, plain: dict) -> dict:
     run["decode_cost_ratio"] = plain["decode_tokens_per_s"] / run["decode_tokens_per_s"]
     if "safety_ms" in run:
         run["safety_pct_of_prefill"] = 100 * run["safety_ms"] / run["prefill_ms"]
+    if "monitor_decode_ms_per_token" in run:
+        run.update(monitored(run, new_tokens))
     return run
 
 
@@ -269,11 +299,15 @@ def measure_defenses(casa: Casa, sample: Sample, tokens: int, batch: int, grid: 
             if device.type == "cuda":
                 measured[defense]["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             on_run()
+            if grid.watches(defense):
+                measured[defense]["monitor_decode_ms_per_token"] = run_monitored(
+                    casa, defense, sample, batch, grid)
+                on_run()
         if round_ < grid.warmup:
             continue
         plain = measured["none"]
         for defense, run in measured.items():
-            runs[defense].append(with_ratios(run, plain))
+            runs[defense].append(with_ratios(run, plain, grid.new_tokens))
         if "guard" in measured and "casa" in measured:  # what CASA's verdict saves
             guard, casa_run = measured["guard"], measured["casa"]
             runs["guard"][-1]["guard_vs_casa"] = guard["safety_ms"] / casa_run["safety_ms"]
@@ -300,6 +334,9 @@ def write_trace(casa: Casa, sample: Sample, batch: int, grid: Grid, directory: P
         for defense in grid.defenses:
             with record_function(f"casa:{defense}"):
                 run_defense(casa, defense, sample, batch, grid)
+            if grid.watches(defense):
+                with record_function(f"casa:{defense}:monitor"):
+                    run_monitored(casa, defense, sample, batch, grid)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"casa-profile-{sample.id}-batch{batch}.json"
     profiler.export_chrome_trace(str(path))
@@ -324,6 +361,8 @@ def profile(casa: Casa, grid: Grid, load_ms: float, trace_dir: Path | None = Non
     The load average before and after says how busy the machine was meanwhile."""
     report = environment(casa, load_ms)
     report.update(new_tokens=grid.new_tokens, repeats=grid.repeats, warmup=grid.warmup,
+                  monitor={"every": WATCH.every, "threshold": casa.config.threshold,
+                           "stops": WATCH.stop} if grid.monitor else None,
                   load_average_start=[round(x, 2) for x in os.getloadavg()])
     inputs, rows = [], []
     reserve = grid.new_tokens + 1
@@ -342,46 +381,3 @@ def profile(casa: Casa, grid: Grid, load_ms: float, trace_dir: Path | None = Non
     if device.type == "cuda":
         report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return report
-
-
-STAGES = (("prefill", "tab:blue"), ("safety step", "tab:red"), ("decode", "tab:gray"))
-
-
-def stage_ms(row: dict, new_tokens: int) -> tuple[float, float, float]:
-    """Median ms of prefill, safety step (CASA's head, the guard's whole call) and decoding
-    the remaining new tokens, for one row."""
-    safety = row["safety_ms"]["median"] if "safety_ms" in row else 0.0
-    decode = (new_tokens - 1) * row["decode_ms_per_token"]["median"]
-    return row["prefill_ms"]["median"], safety, decode
-
-
-def write_chart(report: dict, path: Path) -> Path:
-    """Stacked bars of ms per stage for each defence, one panel per grid point."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    points = list(dict.fromkeys((r["prompt_tokens"], r["batch"]) for r in report["rows"]))
-    fig, axes = plt.subplots(1, len(points), figsize=(1.6 + 3.4 * len(points), 4.2),
-                             squeeze=False)
-    for ax, (tokens, batch) in zip(axes[0], points):
-        rows = [r for r in report["rows"] if (r["prompt_tokens"], r["batch"]) == (tokens, batch)]
-        names = [r["defence"] for r in rows]
-        bottom = [0.0] * len(rows)
-        for index, (stage, colour) in enumerate(STAGES):
-            heights = [stage_ms(r, report["new_tokens"])[index] for r in rows]
-            ax.bar(names, heights, bottom=bottom, color=colour, label=stage)
-            bottom = [b + h for b, h in zip(bottom, heights)]
-        ax.set_title(f"{tokens} prompt tokens, batch {batch}", fontsize=9)
-        ax.set_ylabel("ms (median)")
-        ax.tick_params(axis="x", labelrotation=30)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"casa profile: {report['model']} on {report['device_name']}, "
-                 f"{report['new_tokens']} new tokens", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -1,5 +1,6 @@
 """Reports comparing defences: a Markdown file, a terminal table and two PNG plots of their
-safety (`casa eval`); the terminal tables of their cost (`casa profile`, `print_costs`).
+safety (`casa eval`); the terminal tables and the PNG chart of their cost (`casa profile`,
+`print_costs`, `plot_costs`).
 
 Input is ``metrics.defence_metrics``' shape: ``{defence: {"attack_success_rate",
 "over_refusal_rate", "n_harmful", "n_benign", and for scored defences "auroc", "f1",
@@ -10,6 +11,7 @@ importing this module never switches the process-wide pyplot backend.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,12 +148,47 @@ def write_report(metrics: Mapping[str, Mapping], out_dir: str | Path,
     return {"markdown": markdown, "roc": roc, "tradeoff": tradeoff}
 
 
+def write_outputs(metrics: dict, out_dir: str | Path, title: str = "casa eval") -> dict:
+    """`casa eval`'s report.md, roc.png, tradeoff.png (`write_report`) and metrics.json (from
+    `evaluation.summarise`) in ``out_dir``, with what was run and each defence's cost
+    appended to the report."""
+    out = Path(out_dir)
+    paths = write_report(metrics["defences"], out, title=title,
+                         breakdowns={"source": metrics["by_source"],
+                                     "modality": metrics["by_modality"],
+                                     "category": metrics["by_category"]})
+    facts = {k: v for k, v in metrics.items()
+             if k not in ("defences", "by_source", "by_modality", "by_category")}
+    lines = ["## Run", ""] + [f"- {key}: {value}" for key, value in facts.items()]
+    monitor = metrics.get("monitor")
+    if monitor:
+        lines += ["", f"Response monitor on: every answer was decoded under it (p_unsafe of prompt "
+                      f"+ answer checked every {monitor['every']} token(s) against "
+                      f"{monitor['threshold']}, on flag {monitor['on_flag']}); an answer it "
+                      "replaced by the refusal text counts as refused."]
+    stops = " stopped by the monitor |" if monitor else ""
+    lines += ["", "## Cost per prompt", "",
+              f"| defence | mean latency (ms) | mean new tokens | failed |{stops}",
+              "|---|---:|---:|---:|" + ("---:|" if monitor else "")]
+    lines += [f"| {d} | {m.get('latency_ms_mean')} | {m.get('new_tokens_mean')} | {m.get('errors', 0)} |"
+              + (f" {m.get('monitor_stops')} |" if monitor else "")
+              for d, m in metrics["defences"].items()]
+    with paths["markdown"].open("a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    paths["metrics"] = out / "metrics.json"
+    paths["metrics"].write_text(json.dumps(output.strict_json(metrics), indent=1, ensure_ascii=False)
+                                + "\n", encoding="utf-8")
+    return paths
+
+
 # --- casa profile -----------------------------------------------------------------------
 COST_COLUMNS = ["prompt", "batch", "defence", "input tokens", "prefill ms", "safety ms",
                 "first token ms", "decode tok/s", "x prefill", "x first token", "x per token",
                 "safety % of prefill", "guard / casa"]
+MONITOR_COST_COLUMNS = ["prompt", "batch", "defence", "decode ms/token", "monitored ms/token",
+                        "monitor ms/token", "monitor % of step", "% of answer decode"]
 INPUT_COST_COLUMNS = ["prompt", "batch", "input tokens", "prepare ms", "head us (torch)",
-                      "head us (triton)"]
+                      "head us (triton)", "monitor us/token"]
 
 
 def _number(value: float) -> str:
@@ -172,7 +209,8 @@ def _median(stat: dict | None) -> str:
 
 def print_costs(report: dict) -> None:
     """`profiling.profile`'s report on the terminal: each defence's timings and ratios to
-    none, the inputs and the safety head alone, and the environment."""
+    none, the response monitor's cost (with --monitor), the inputs and the safety head
+    alone, and the environment."""
     rows = [{"prompt": r["prompt_tokens"], "batch": r["batch"], "defence": r["defence"],
              "input tokens": r["input_tokens"], "prefill ms": _spread(r["prefill_ms"]),
              "safety ms": _spread(r.get("safety_ms")), "first token ms": _spread(r["first_token_ms"]),
@@ -183,11 +221,62 @@ def print_costs(report: dict) -> None:
              "guard / casa": _median(r.get("guard_vs_casa"))} for r in report["rows"]]
     output.print_table(rows, COST_COLUMNS, title=f"casa profile: {report['repeats']} repeats, "
                        f"{report['new_tokens']} new tokens; median [min-max], ratios are x none")
+    if report.get("monitor"):
+        monitored = [{"prompt": r["prompt_tokens"], "batch": r["batch"], "defence": r["defence"],
+                      "decode ms/token": _spread(r["decode_ms_per_token"]),
+                      "monitored ms/token": _spread(r["monitor_decode_ms_per_token"]),
+                      "monitor ms/token": _median(r["monitor_ms_per_token"]),
+                      "monitor % of step": _median(r["monitor_pct_of_decode_step"]),
+                      "% of answer decode": _median(r["monitor_pct_of_answer_decode"])}
+                     for r in report["rows"]]
+        output.print_table(monitored, MONITOR_COST_COLUMNS,
+                           title="the response monitor, checking every token; % from paired runs")
     inputs = [{"prompt": i["prompt_tokens"], "batch": i["batch"], "input tokens": i["input_tokens"],
                "prepare ms": _spread(i["prepare_ms"]),
                "head us (torch)": _spread(i["safety_head_us"].get("torch")),
-               "head us (triton)": _spread(i["safety_head_us"].get("triton"))}
+               "head us (triton)": _spread(i["safety_head_us"].get("triton")),
+               "monitor us/token": _spread(i.get("monitor_us"))}
               for i in report["inputs"]]
-    output.print_table(inputs, INPUT_COST_COLUMNS, title="inputs and the safety head alone")
+    output.print_table(inputs, INPUT_COST_COLUMNS,
+                       title="inputs, and the safety head and the monitor's step alone")
     output.print_fields({k: v for k, v in report.items() if k not in ("rows", "inputs")},
                         title="environment")
+
+
+STAGES = (("prefill", "tab:blue"), ("safety step", "tab:red"), ("decode", "tab:gray"))
+
+
+def stage_ms(row: dict, new_tokens: int) -> tuple[float, float, float]:
+    """Median ms of prefill, safety step (CASA's head, the guard's whole call) and decoding
+    the remaining new tokens, for one row."""
+    safety = row["safety_ms"]["median"] if "safety_ms" in row else 0.0
+    decode = (new_tokens - 1) * row["decode_ms_per_token"]["median"]
+    return row["prefill_ms"]["median"], safety, decode
+
+
+def plot_costs(report: dict, path: str | Path) -> Path:
+    """`profiling.profile`'s report as stacked bars of ms per stage for each defence, one
+    panel per grid point (`casa profile --chart`)."""
+    points = list(dict.fromkeys((r["prompt_tokens"], r["batch"]) for r in report["rows"]))
+    fig = Figure(figsize=(1.6 + 3.4 * len(points), 4.2))
+    FigureCanvasAgg(fig)  # tight_layout needs a renderer
+    axes = fig.subplots(1, len(points), squeeze=False)
+    for ax, (tokens, batch) in zip(axes[0], points):
+        rows = [r for r in report["rows"] if (r["prompt_tokens"], r["batch"]) == (tokens, batch)]
+        names = [r["defence"] for r in rows]
+        bottom = [0.0] * len(rows)
+        for index, (stage, colour) in enumerate(STAGES):
+            heights = [stage_ms(r, report["new_tokens"])[index] for r in rows]
+            ax.bar(names, heights, bottom=bottom, color=colour, label=stage)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        ax.set_title(f"{tokens} prompt tokens, batch {batch}", fontsize=9)
+        ax.set_ylabel("ms (median)")
+        ax.tick_params(axis="x", labelrotation=30)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"casa profile: {report['model']} on {report['device_name']}, "
+                 f"{report['new_tokens']} new tokens", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path

@@ -1,15 +1,19 @@
 """The five library front doors, without the CLI, on tiny random-weight models:
 `casa_cli.train` -> Adapter -> `casa_cli.load` -> `Casa.classify` / `Casa.generate`, and
-`casa_cli.evaluate` -> Report (resumable, FigStep refused on a text-only model)."""
+`casa_cli.evaluate` -> Report (resumable, FigStep refused on a text-only model, a response
+monitor that cuts answers)."""
 import json
 
 import pytest
 
 import casa_cli
 from casa_cli.evaluation import NotAnImageModel
+from casa_cli.judges import is_refusal
+from casa_cli.monitor import MonitorOptions
 from test_adapter_training import separable_manifest
 from test_cli_inputs import write_manifest
 from test_eval import PROMPTS
+from test_monitor import START, adapter, model, plant  # noqa: F401 (fixtures)
 
 FAST = casa_cli.DecodeOptions(max_new_tokens=3)
 
@@ -72,6 +76,20 @@ def test_evaluate_reports_each_defence_and_resumes(tiny_model, tmp_path):
                                 max_new_tokens=3, resume=True, on_result=seen.append)
     assert {r["defence"] for r in seen} == {"prompt"} and len(seen) == 4  # only the new pairs
     assert resumed.results == 12 and set(resumed.metrics["defences"]) == {"none", "casa", "prompt"}
+
+
+def test_evaluate_with_a_monitor_that_cuts_judges_what_is_left(model, adapter, plant, tmp_path):
+    """A cut answer is not replaced by the refusal text: the judge reads the tokens kept."""
+    plant(START)
+    manifest = write_manifest(tmp_path / "prompts.jsonl", PROMPTS)
+    report = casa_cli.evaluate(tmp_path / "eval", model, adapter, manifest=manifest,
+                               defences=["none"], max_new_tokens=START + 4,
+                               monitor=MonitorOptions(on_flag="cut"))
+    records = [json.loads(line) for line in report.paths["records"].read_text().splitlines()]
+    assert records[0]["monitor"]["stopped_at"] == START == records[0]["new_tokens"]
+    assert all(r["refused"] == is_refusal(r["response"]) for r in records)
+    assert report.metrics["monitor"]["on_flag"] == "cut"
+    assert report.metrics["defences"]["none"]["monitor_stops"] == len(PROMPTS)
 
 
 def test_evaluate_refuses_bad_requests(tiny_model, tmp_path):

@@ -102,6 +102,26 @@ def test_reader_keeps_other_keys_and_category(tmp_path):
     assert sample.category == "greeting" and sample.extra == {"answer": "Hello", "source": "x"}
 
 
+def test_reader_reads_an_optional_string_response(tmp_path):
+    """`response` (classify scores the pair, issue 17) is checked like the other fields: a
+    non-string or blank one is an error naming file:line, and the next lines are read."""
+    manifest = write_lines(tmp_path / "m.jsonl", [
+        b'{"id": "pair", "text": "Hi", "response": "Hello <|im_end|>"}',
+        b'{"id": "number", "text": "Hi", "response": 5}',
+        b'{"id": "list", "text": "Hi", "response": ["Hello"]}',
+        b'{"id": "true", "text": "Hi", "response": true}',
+        b'{"id": "blank", "text": "Hi", "response": " "}',
+        b'{"id": "none", "text": "Hi", "response": null}'])
+    samples = {s.id: s for s in read_manifest(manifest)}
+    assert samples["pair"].response == "Hello <|im_end|>" and samples["pair"].extra == {}
+    assert samples["none"].response is None and samples["none"].error is None
+    for line, (sample_id, needle) in enumerate([("number", "'response' must be a string, got int"),
+                                                ("list", "'response' must be a string, got list"),
+                                                ("true", "'response' must be a string, got bool"),
+                                                ("blank", "empty response")], start=2):
+        assert says(samples[sample_id].error, (f"{manifest}:{line}: ", needle)), samples[sample_id]
+
+
 # --- classify, generate, eval -------------------------------------------------------------
 def test_classify_reports_every_malformed_line_and_resumes(tiny_model, casa, tmp_path):
     manifest, expected = mixed_manifest(tmp_path / "m.jsonl")

@@ -1,7 +1,9 @@
 """`casa profile` on the tiny llama: every figure of every defence is present and plausible
 (positive and finite; no timing is asserted beyond that), prompts are exactly the requested
-length, `--trace` writes Chrome-trace JSON and `--chart` a PNG. Plus the decoding option the
-profile's batches rest on: `copies` rows decode exactly what one row does."""
+length, `--trace` writes Chrome-trace JSON and `--chart` a PNG; `--monitor` adds the response
+monitor's cost to every row, and never stops a profiled answer (on test_monitor.py's planted
+signal). Plus the decoding option the profile's batches rest on: `copies` rows decode
+exactly what one row does."""
 import json
 import math
 
@@ -9,8 +11,10 @@ import pytest
 from PIL import Image
 
 import casa_cli
+from casa_cli import profiling, report as report_module
 from casa_cli.decoding import DecodeOptions
 from conftest import run_casa
+from test_monitor import START, adapter, model, plant  # noqa: F401 (fixtures)
 
 TOKENS = 96
 # The tiny tokenizer spends about two tokens a word, so Llama Guard's template alone would
@@ -21,6 +25,8 @@ TIMED = ["prefill_ms", "first_token_ms", "decode_tokens_per_s", "decode_ms_per_t
          "prefill_ratio", "first_token_ratio", "decode_cost_ratio"]
 SAFETY = ["safety_ms", "safety_pct_of_prefill"]
 EXTRA = {"casa": SAFETY, "guard": [*SAFETY, "guard_prefill_ms", "guard_vs_casa"]}
+MONITORED = ["monitor_decode_ms_per_token"]  # positive; the costs below are differences
+MONITOR_COST = ["monitor_ms_per_token", "monitor_pct_of_decode_step", "monitor_pct_of_answer_decode"]
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +99,59 @@ def test_copies_decode_what_one_row_does(defense, tiny_model):
     one, three = (model.generate(sample, defense, on_unsafe="generate", options=options,
                                  copies=copies) for copies in (1, 3))
     assert three.tokens == one.tokens and len(one.tokens) == 6
+
+
+@pytest.fixture(scope="module")
+def monitored(tiny_model):
+    result = run_casa("profile", "--model", tiny_model("llama"), "--defenses", "casa,coca,guard",
+                      "--prompt-tokens", TOKENS, "--batch", "1,2", "--new-tokens", 3,
+                      "--repeats", 2, "--warmup", 0, "--guard-prompt", GUARD_PROMPT, "--monitor",
+                      "--json")
+    assert result.code == 0, result.stderr
+    (report,) = result.records()
+    return report
+
+
+def test_monitor_cost_is_in_every_row(monitored):
+    assert monitored["monitor"] == {"every": 1, "threshold": monitored["monitor"]["threshold"],
+                                    "stops": False}
+    assert [(r["batch"], r["defence"]) for r in monitored["rows"]] == [
+        (batch, d) for batch in (1, 2) for d in ("none", "casa", "coca", "guard")]
+    for row in monitored["rows"]:
+        for key in TIMED + MONITORED:
+            assert plausible(row[key]), (row["defence"], key, row.get(key))
+        for key in MONITOR_COST:  # a cost within the noise can come out below 0
+            assert all(type(row[key][k]) is float and math.isfinite(row[key][k])
+                       for k in ("min", "median", "max")), (row["defence"], key, row[key])
+        if row["defence"] == "guard":  # the plain model answers after the guard's verdict
+            none = next(r for r in monitored["rows"] if (r["batch"], r["defence"]) == (row["batch"], "none"))
+            assert row["monitor_decode_ms_per_token"] == none["monitor_decode_ms_per_token"]
+    assert all(plausible(point["monitor_us"]) for point in monitored["inputs"])  # the step alone
+
+
+def test_without_monitor_no_row_has_its_fields(profiled):
+    report, _ = profiled
+    assert report["monitor"] is None and not any("monitor_us" in i for i in report["inputs"])
+    assert not any(key in row for row in report["rows"] for key in MONITORED + MONITOR_COST)
+
+
+def test_the_printed_tables_show_the_monitor(monitored, capsys):
+    report_module.print_costs(monitored)
+    printed = capsys.readouterr().out
+    assert "the response monitor, checking every token" in printed  # its own table
+
+
+def test_the_profiled_monitor_checks_every_token_and_never_stops(model, adapter, plant):
+    """Planted, every check from token START on flags; the profile's monitor still decodes
+    the whole answer, and so does `casa profile --monitor` (it fails on a shorter one)."""
+    plant(START)
+    casa = casa_cli.load(model, adapter)
+    sample = casa_cli.prompt_sample("Tell me how rivers carry sand to the sea.")
+    answer = casa.generate(sample, "none", monitor=profiling.WATCH,
+                           options=DecodeOptions(max_new_tokens=START + 4, ignore_eos=True))
+    assert answer.monitor["stopped_at"] is None and answer.monitor["p_unsafe_max"] >= 0.5
+    assert len(answer.tokens) == answer.monitor["checks"] == START + 4
+    result = run_casa("profile", "--model", model, "--adapter", adapter, "--defenses", "none",
+                      "--prompt-tokens", TOKENS, "--batch", 1, "--new-tokens", START + 4,
+                      "--repeats", 1, "--warmup", 0, "--monitor", "--json")
+    assert result.code == 0, result.stderr

@@ -10,12 +10,13 @@ from casa_cli.commands import common as c
 from casa_cli.inputs import gather
 from casa_cli.output import RecordWriter, print_json, print_table, stderr
 
-COLUMNS = ["id", "verdict", "p_unsafe", "z", "lm_log_odds", "prompt_tokens", "latency_ms",
-           "explain", "error"]
+COLUMNS = ["id", "scored", "verdict", "p_unsafe", "z", "lm_log_odds", "prompt_tokens",
+           "latency_ms", "explain", "error"]
 
 
 def command(
-    prompt: c.Prompt = None, image: c.Images = None, audio: c.Audio = None,
+    prompt: c.Prompt = None, response: c.Response = None,
+    image: c.Images = None, audio: c.Audio = None,
     manifest: c.Manifest = None, folder: c.Folder = None, folder_prompt: c.FolderPrompt = None,
     model: c.Model = None, adapter: c.Adapter = None, device: c.Device = "auto",
     device_map: c.DeviceMap = None, dtype: c.Dtype = "auto", kernel: c.Kernel = "auto",
@@ -28,7 +29,8 @@ def command(
     explain: Annotated[int, typer.Option(
         min=0, help="List the N prompt tokens that pushed the attention score up the most.")] = 0,
 ) -> None:
-    """Judge prompts safe or unsafe: p_unsafe, the attention score z, the LM's own log-odds.
+    """Judge prompts (or prompt, response pairs) safe or unsafe: p_unsafe, the attention
+    score z, the LM's own log-odds.
 
     [bold]Examples[/bold]
 
@@ -39,6 +41,7 @@ def command(
       casa classify --folder uploads/ --prompt "Describe this." --json --fail-on-unsafe
       torchrun --nproc-per-node 4 -m casa_cli classify --manifest big.jsonl --output v.jsonl
       casa classify "How do I hotwire a car?" --explain 5 --json
+      casa classify "Tell me a joke" --response "Why did the chicken cross the road?" --json
 
     Exit codes: 0 done; 1 runtime error; 2 usage error; 3 unsafe input with
     --fail-on-unsafe (wins over 4); 4 some records failed (error records are in the output).
@@ -46,7 +49,8 @@ def command(
     c.check_output(output, manifest, folder, *(image or []), *(audio or []), resume=resume)
     from casa_cli import distributed  # imports torch: not at module level, for `casa --help`
 
-    samples, total = gather(prompt, image or [], audio or [], manifest, folder, folder_prompt)
+    samples, total = gather(prompt, image or [], audio or [], manifest, folder, folder_prompt,
+                            response)
     with distributed.launched(device, device_map) as world, \
             distributed.Shard(world, samples, total, output, resume) as job:
         # Opened (and locked) before the model loads, so a busy --output fails at once.

@@ -196,3 +196,9 @@ def note_untrained(consequence: str = "verdicts are only the LM's own safe/unsaf
     this command."""
     stderr.print(f"note: no trained adapter for this model, so the safety head is untrained: "
                  f"{consequence}. Train one with `casa train`.")
+
+
+Response = Annotated[Optional[str], typer.Option(
+    help="An answer to PROMPT: score the (prompt, response) pair, with the prompt head until a "
+         "response head is trained (- reads it from stdin, when PROMPT is not -). A manifest "
+         "line gives its own 'response'.")]

@@ -35,12 +35,12 @@ def command(
     out: Out = ..., limit: Limit = None,
     max_new_tokens: Annotated[int, typer.Option(
         min=1, help="Tokens written per answer; judges read the opening, so a few dozen do.")] = 64,
-    threshold: c.Threshold = None,
+    threshold: c.Threshold = None, monitor: c.Monitor = False, monitor_every: c.MonitorEvery = None,
+    monitor_threshold: c.MonitorThreshold = None, on_flag: c.OnFlag = None,
     judge_model: Annotated[Optional[Path], typer.Option(
         help="Judge refusals with this local instruct/guard model \\[default: the phrase judge].")] = None,
     model: c.Model = None, adapter: c.Adapter = None, device: c.Device = "auto",
-    device_map: c.DeviceMap = None,
-    dtype: c.Dtype = "auto", kernel: c.Kernel = "auto",
+    device_map: c.DeviceMap = None, dtype: c.Dtype = "auto", kernel: c.Kernel = "auto",
     trust_remote_code: c.TrustRemoteCode = False, truncate: c.Truncate = False,
     max_audio_seconds: c.MaxAudioSeconds = None,
     resume: Annotated[bool, typer.Option(
@@ -50,7 +50,7 @@ def command(
 ) -> None:
     """Answer labelled prompts under each defence, judge each answer refused or not, and report attack success, over-refusal and CASA's detection metrics.
 
-    Writes to --out: records.jsonl (one result per defence and prompt, flushed), report.md, roc.png, tradeoff.png and metrics.json; with --render figstep also figstep/ (the images and a manifest of them).
+    Writes to --out: records.jsonl (one result per defence and prompt, flushed), report.md, roc.png, tradeoff.png and metrics.json; with --render figstep also figstep/ (the images and a manifest of them). With --monitor every defence's answers are decoded under the response monitor: an answer it replaces by the refusal text counts as refused (one it cuts is judged on what is left), and each record carries its monitor fields.
 
     [bold]Examples[/bold]
 
@@ -58,6 +58,7 @@ def command(
       casa eval --benchmark MM-SafetyBench/data --model ./Qwen2-VL-2B-Instruct --out mmsb/
       casa eval --set advbench --render figstep --model ./Qwen2-VL-2B-Instruct --out figstep/
       casa eval --manifest mine.jsonl --defenses none,casa --out eval/ --resume --json
+      casa eval --set harmbench --set rho_overrefusal --defenses none,casa --monitor --out eval/
       torchrun --nproc-per-node 4 -m casa_cli eval --set harmbench --out eval/
 
     Exit codes: 0 done; 1 runtime error; 2 usage error or malformed benchmark; 4 some prompts failed (error records are in records.jsonl)."""
@@ -66,14 +67,14 @@ def command(
     from casa_cli.report import print_table
 
     names = c.comma_list(defenses)
-    bad = [d for d in names if d not in DEFENSES]
-    if bad or not names or len(set(names)) != len(names):
+    if not names or len(set(names)) != len(names) or not set(names) <= set(DEFENSES):
         raise typer.BadParameter(f"{defenses!r}: give distinct names from {', '.join(DEFENSES)}",
                                  param_hint="--defenses")
     c.check_choice(render, RENDERERS, "--render")
     if format is not None and benchmark is None:
         raise typer.BadParameter("--format goes with --benchmark", param_hint="--format")
     c.check_output(out / "records.jsonl", manifest, benchmark)
+    watch = c.monitor_options(monitor, monitor_every, monitor_threshold, on_flag)
 
     def show(result: dict) -> None:
         if "error" in result:
@@ -85,7 +86,7 @@ def command(
                           max_new_tokens=max_new_tokens, threshold=threshold, judge_model=judge_model,
                           device=device, device_map=device_map, dtype=dtype, kernel=kernel,
                           trust_remote_code=trust_remote_code, truncate=truncate,
-                          max_audio_seconds=max_audio_seconds, resume=resume,
+                          max_audio_seconds=max_audio_seconds, resume=resume, monitor=watch,
                           on_loaded=c.note_if_untrained, on_result=show)
     except NotAnImageModel as err:
         raise typer.BadParameter(str(err), param_hint="--render") from None

@@ -26,6 +26,11 @@ def command(
     guard_prompt: Annotated[Optional[str], typer.Option(
         help="guard: its classification prompt, with {prompt} where the user's prompt goes "
              "\\[default: Llama Guard 3's, categories abridged].")] = None,
+    monitor: Annotated[bool, typer.Option(
+        "--monitor", help="Also time each defence's decode with the response monitor checking "
+                          "every token (the adapter's head and threshold), and report its cost per "
+                          "token. Here it checks but never stops an answer, so every run decodes "
+                          "all --new-tokens; it follows one row of a batch.")] = False,
     chart: Annotated[Optional[Path], typer.Option(
         help="Write a PNG: ms per stage (prefill, safety step, decode) for each defence.")] = None,
     trace: Annotated[Optional[Path], typer.Option(
@@ -37,7 +42,7 @@ def command(
 ) -> None:
     """Time each defence end to end: prefill, the safety step, first token, decode rate, memory, and each defence's cost as a ratio to none from the same run.
 
-    Synthetic prompts of exact token lengths; warm-ups, repeats, medians with \\[min-max] spread; load time and input preparation too.
+    Synthetic prompts of exact token lengths; warm-ups, repeats, medians with \\[min-max] spread; load time and input preparation too. With --monitor, also the response monitor's cost per decoded token, from the same rounds.
 
     [bold]Examples[/bold]
 
@@ -45,16 +50,17 @@ def command(
       casa profile --defenses none,casa,coca,prompt,guard --prompt-tokens 128,512 --batch 1 --json
       casa profile --model ./Qwen2-VL-2B-Instruct --image cat.png --prompt-tokens 1024 --chart cost.png
       casa profile --prompt-tokens 512 --batch 1 --repeats 1 --trace traces/
+      casa profile --defenses none,casa --prompt-tokens 128,512 --batch 1 --monitor
     """
     from casa_cli import profiling
-    from casa_cli.report import print_costs
+    from casa_cli.report import plot_costs, print_costs
 
     grid = profiling.Grid(defenses=tuple(split(defenses, str, "--defenses")),
                           prompt_tokens=tuple(split(prompt_tokens, int, "--prompt-tokens")),
                           batches=tuple(split(batch, int, "--batch")), new_tokens=new_tokens,
                           repeats=repeats, warmup=warmup, images=tuple(image or ()),
                           audio=tuple(audio or ()),
-                          guard_prompt=guard_prompt or profiling.GUARD_PROMPT)
+                          guard_prompt=guard_prompt or profiling.GUARD_PROMPT, monitor=monitor)
     casa, load_ms = profiling.load_timed(model=model, adapter=adapter, device=device, dtype=dtype,
                                          kernel=kernel, trust_remote_code=trust_remote_code)
     if "casa" in grid.defenses and not casa.trained:
@@ -62,7 +68,7 @@ def command(
     with progress(grid.runs, "profile") as advance:
         report = profiling.profile(casa, grid, load_ms, trace, on_run=advance)
     if chart is not None:
-        report["chart"] = str(profiling.write_chart(report, chart))
+        report["chart"] = str(plot_costs(report, chart))
     if json:
         print_json(report)
         return
