@@ -402,14 +402,8 @@ def _build_llama(out: Path):
 
     vocab, merges = _trained_bpe("bytelevel")
     vocab = _prepend(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], vocab)
-    tok = GPT2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        unk_token="<|endoftext|>",
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-    )
+    tok = GPT2Tokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>",
+                        bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>")
     tok.add_special_tokens(
         {"additional_special_tokens": [AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")]}
     )
@@ -432,16 +426,9 @@ def _llama_sp_tokenizer(image_token: str = "<image>", extra_plain: tuple[str, ..
 
     vocab, merges = _trained_bpe("metaspace")
     vocab = _prepend(["<unk>", "<s>", "</s>", *_bytes_tokens()], vocab)
-    tok = LlamaTokenizer(
-        vocab=vocab,
-        merges=merges,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<unk>",
-        add_bos_token=True,
-        extra_special_tokens={"image_token": image_token},
-    )
+    tok = LlamaTokenizer(vocab=vocab, merges=merges, unk_token="<unk>", bos_token="<s>",
+                         eos_token="</s>", pad_token="<unk>", add_bos_token=True,
+                         extra_special_tokens={"image_token": image_token})
     tok.add_special_tokens(
         {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in (image_token, *extra_plain)]},
         replace_extra_special_tokens=False,
@@ -581,7 +568,16 @@ def _build_qwen2_5_vl(out: Path):
     return Qwen2_5_VLForConditionalGeneration(cfg), proc
 
 
+def _siglip_vision(size: int, patch: int) -> dict:
+    """The tiny SigLIP-style vision tower of Gemma 3, Idefics3 and SmolVLM."""
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                image_size=size, patch_size=patch)
+
+
 _N_MELS = 16
+# The tiny Whisper-style audio encoder of Qwen2-Audio and Qwen2.5-Omni.
+_WHISPER_ENCODER = dict(num_mel_bins=_N_MELS, encoder_layers=2, encoder_attention_heads=2,
+                        encoder_ffn_dim=64, d_model=32, max_source_positions=50 * AUDIO_SECONDS)
 
 
 def _whisper_fe():
@@ -613,14 +609,7 @@ def _build_qwen2_audio(out: Path):
     tok = _qwen_tokenizer(extra, [])
     kw = _text_kwargs("qwen2_audio", _vocab_size(tok))
     cfg = Qwen2AudioConfig(
-        audio_config=Qwen2AudioEncoderConfig(
-            num_mel_bins=_N_MELS,
-            encoder_layers=2,
-            encoder_attention_heads=2,
-            encoder_ffn_dim=64,
-            d_model=32,
-            max_source_positions=50 * AUDIO_SECONDS,
-        ),
+        audio_config=Qwen2AudioEncoderConfig(**_WHISPER_ENCODER),
         text_config=Qwen2Config(**kw, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
         audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"),
         tie_word_embeddings=False,
@@ -650,16 +639,7 @@ def omni_thinker_config(tok):
     return Qwen2_5OmniThinkerConfig(
         text_config=_qwen_text_kwargs("qwen2_5_omni", tok),
         vision_config=_qwen2_5_vision(h),
-        audio_config=dict(
-            num_mel_bins=_N_MELS,
-            encoder_layers=2,
-            encoder_attention_heads=2,
-            encoder_ffn_dim=64,
-            d_model=32,
-            max_source_positions=50 * AUDIO_SECONDS,
-            n_window=50,
-            output_dim=h,
-        ),
+        audio_config=dict(**_WHISPER_ENCODER, n_window=50, output_dim=h),
         audio_token_index=ids["audio_token"],
         image_token_index=ids["image_token"],
         video_token_index=ids["video_token"],
@@ -802,15 +782,7 @@ def _build_gemma3(out: Path):
     )
     cfg = Gemma3Config(
         text_config=Gemma3TextConfig(**kw),
-        vision_config=SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=size,
-            patch_size=patch,
-            vision_use_head=False,
-        ),
+        vision_config=SiglipVisionConfig(**_siglip_vision(size, patch), vision_use_head=False),
         mm_tokens_per_image=mm_tokens,
         boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
         eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
@@ -870,14 +842,7 @@ def _idefics3_shaped(family: str, config_cls, model_cls, image_processor_cls, pr
     seq = (size // patch) ** 2 // scale**2
     kw = _text_kwargs(family, _vocab_size(tok))
     cfg = config_cls(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=size,
-            patch_size=patch,
-        ),
+        vision_config=_siglip_vision(size, patch),
         text_config=LlamaConfig(
             **kw, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
         ),

