@@ -36,11 +36,19 @@ class Prepared:
 class Prefill:
     H: torch.Tensor | None  # (B, T, d) the states the head reads, after the final norm
     mask: torch.Tensor  # (B, T) bool, True on real prompt tokens
-    logits: torch.Tensor  # (B, V) next-token logits at the last position
+    logits: torch.Tensor | None  # (B, V) next-token logits at the last position (None: states_only)
     cache: object | None = None  # the KV cache, when asked for (transformers' `cache`)
     # With `prefill(layers=[...])` (training): decoder layer (1-based) -> its (B, T, d)
     # output through the final norm, all from this one pass; None otherwise.
     layers: dict[int, torch.Tensor] | None = None
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once every state wanted is captured."""
+
+
+def _stop_forward(module, args, output):
+    raise _StopForward
 
 
 @dataclass
@@ -240,14 +248,18 @@ class Backbone(ChatText):  # chat text, plain user text, the middle cut: casa_cl
     # --- running ---------------------------------------------------------------------
     @torch.no_grad()  # not inference_mode: training reuses H as a (detached) input
     def prefill(self, batch, *, layer: int | None = None, capture: bool = True,
-                use_cache: bool = False, layers: list[int] | None = None) -> Prefill:
+                use_cache: bool = False, layers: list[int] | None = None,
+                states_only: bool = False) -> Prefill:
         """One forward pass over the prompt: logits for the last position only, and (with
         `capture`) `H` at all positions from a hook: the output of decoder layer `layer`
         (the adapter's `config.layer`; None: the last) through the final norm, so every
         layer reaches the head on the scale the last one does. Without `capture`, H is
         None and no hook runs: the plain model's prefill. `layers` (1-based decoder layers,
         for training's layer sweep) also fills `Prefill.layers` with each of those layers'
-        states, the same way, from hooks in this same pass."""
+        states, the same way, from hooks in this same pass. `states_only`: the caller wants
+        the captured states and nothing else (a verdict, a state cache), so the forward
+        stops right after the deepest layer captured (docs/design.md §2): a head at layer 15
+        of 30 costs half a prefill. Then `logits` and `cache` are None."""
         wanted = [self.resolve_layer(number) for number in sorted(set(layers or ()))]
         # Which decoder layer fills which captured key ("H" for the head; layer numbers for
         # the sweep). Keys of one layer share its hook, so its norm runs once.
@@ -258,15 +270,23 @@ class Backbone(ChatText):  # chat text, plain user text, the middle cut: casa_cl
             keys_of.setdefault(number, []).append(number)
         captured = {"H": None}
         hooks = []
+        deepest = max(keys_of, default=self.num_layers)
+        out = None
         try:
             for number, keys in keys_of.items():
                 hooks.append(self.capture_hook(number, keys, captured))
-            out = self.model(**batch, use_cache=use_cache, logits_to_keep=1)
+            if states_only and deepest < self.num_layers:
+                # Registered after the capture hook on the same layer, so it runs after it.
+                hooks.append(self.decoder_layers()[deepest - 1].register_forward_hook(_stop_forward))
+            out = self.model(**batch, use_cache=use_cache and not states_only, logits_to_keep=1)
+        except _StopForward:
+            pass
         finally:
             for hook in hooks:
                 hook.remove()
         return Prefill(H=captured["H"], mask=batch["attention_mask"].bool(),
-                       logits=out.logits[:, -1], cache=out.get("cache"),
+                       logits=None if out is None else out.logits[:, -1],
+                       cache=None if out is None else out.get("cache"),
                        layers={number: captured[number] for number in wanted}
                        if layers is not None else None)
 

@@ -94,7 +94,7 @@ class Casa:
         threshold = self.config.threshold if threshold is None else threshold  # `verdict` checks it
         started = time.perf_counter()
         batch = self.backbone.collate(prepared)
-        prefill = self.backbone.prefill(batch, layer=self.config.layer)
+        prefill = self.backbone.prefill(batch, layer=self.config.layer, states_only=True)
         with torch.no_grad():
             out = self.head(prefill.H, prefill.mask, backend=self.kernel, return_weights=explain > 0)
         per_sample_ms = (time.perf_counter() - started) * 1000 / len(prepared)

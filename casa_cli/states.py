@@ -54,7 +54,7 @@ def layer_states(backbone: Backbone, samples: list[Sample], layers: list[int],
         chunk = missing[start:start + batch_size]
         wanted = [layer for layer in layers if not all(have[layer][i] for i in chunk)]
         prefill = backbone.prefill(backbone.encode([samples[i] for i in chunk]), capture=False,
-                                   layers=wanted)
+                                   layers=wanted, states_only=True)
         for layer in wanted:
             if cache:
                 folders[layer].mkdir(parents=True, exist_ok=True)
