@@ -17,7 +17,6 @@ import datetime
 import os
 import re
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -25,15 +24,9 @@ import torch
 import casa_cli
 from casa_cli.data.assemble import take_evenly
 from casa_cli.data.prompt_sets import load_harmbench
-from casa_cli.profiling import device_name
+from casa_cli.profiling import Timer, device_name
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def timed(run) -> float:
-    started = time.perf_counter()
-    run()
-    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -64,8 +57,10 @@ def main() -> None:
     classify(), full_forward()  # warm-up
     times = {"classify": [], "full_forward": []}
     for _ in range(args.repeats):
-        times["classify"].append(timed(classify))
-        times["full_forward"].append(timed(full_forward))
+        for name, run in (("classify", classify), ("full_forward", full_forward)):
+            with Timer(backbone.device) as timer:
+                run()
+            times[name].append(timer.ms / 1000)
     rate = {name: len(samples) / statistics.median(t) for name, t in times.items()}
     layer = casa.config.layer or backbone.num_layers
     row = {"date": datetime.datetime.now().isoformat(timespec="seconds"),

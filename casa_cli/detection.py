@@ -84,17 +84,18 @@ def report(scores: dict[str, list[float]], threshold: float, sets: dict[str, lis
 
 def bag_of_words(sets: dict[str, list[dict]]) -> dict:
     bow = BagOfWords().fit(sets["train"])
-    scores = {name: bow.score(records).tolist() for name, records in sets.items()}
+    scores = {name: bow.score(sets[name]).tolist() for name in ("val", *HARMFUL_SETS, *BENIGN_SETS)}
     val = [1 if r["label"] == "harmful" else 0 for r in sets["val"]]
     return report(scores, calibrated_threshold(val, scores["val"], TARGET_FPR), sets)
 
 
 def adapter_report(backbone, adapter: Path, sets: dict[str, list[dict]]) -> dict:
     config, head = load_adapter(adapter, backbone)
+    head = head.float()
     scores = {}
     for name in (*HARMFUL_SETS, *BENIGN_SETS):
         samples = [prompt_sample(r["text"], sample_id=r["id"]) for r in sets[name]]
-        scores[name] = score(head.float(), prompt_states(backbone, samples, config.layer))
+        scores[name] = score(head, prompt_states(backbone, samples, config.layer))
     return {"adapter": str(adapter), "layer": config.layer,
             **report(scores, config.threshold, sets)}
 

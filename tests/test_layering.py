@@ -84,3 +84,13 @@ def test_the_kernels_import_nothing_of_the_library():
     bad = {name: sorted(t for t in targets if not t.startswith("casa_cli.kernels"))
            for name, targets in graph().items() if name.startswith("casa_cli.kernels")}
     assert {name: t for name, t in bad.items() if t} == {}
+
+
+def test_reserved_evaluation_sets_reach_only_the_detection_report():
+    """Do-Not-Answer and the other independent sets (casa_cli.data.independent) are for
+    evaluation only: the detection report reads them, and nothing reads the report, so no
+    training, validation or layer/threshold selection can see them."""
+    edges = graph()
+    readers = sorted(name for name, targets in edges.items() if "casa_cli.data.independent" in targets)
+    assert readers == ["casa_cli.detection"]
+    assert not [name for name, targets in edges.items() if "casa_cli.detection" in targets]
