@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from casa_cli import profiling
+from casa_cli.timing import device_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = ["date", "device", "model", "adapter", "dtype", "threads", "load_average",
@@ -86,7 +87,7 @@ def main() -> int:
                           repeats=args.repeats, warmup=args.warmup)
     casa, load_ms = profiling.load_timed(model=args.model, adapter=args.adapter,
                                          device=args.device, dtype=args.dtype)
-    print(f"{casa.backbone.source} on {profiling.device_name(casa.backbone.device)}: "
+    print(f"{casa.backbone.source} on {device_name(casa.backbone.device)}: "
           f"{grid.runs} runs", file=sys.stderr)
     report = profiling.profile(casa, grid, load_ms)
     rows = csv_rows(report)

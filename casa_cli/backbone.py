@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -249,7 +250,8 @@ class Backbone(ChatText):  # chat text, plain user text, the middle cut: casa_cl
     @torch.no_grad()  # not inference_mode: training reuses H as a (detached) input
     def prefill(self, batch, *, layer: int | None = None, capture: bool = True,
                 use_cache: bool = False, layers: list[int] | None = None,
-                states_only: bool = False) -> Prefill:
+                states_only: bool = False,
+                stop_if: Callable[[torch.Tensor, torch.Tensor], bool] | None = None) -> Prefill:
         """One forward pass over the prompt: logits for the last position only, and (with
         `capture`) `H` at all positions from a hook: the output of decoder layer `layer`
         (the adapter's `config.layer`; None: the last) through the final norm, so every
@@ -259,7 +261,13 @@ class Backbone(ChatText):  # chat text, plain user text, the middle cut: casa_cl
         states, the same way, from hooks in this same pass. `states_only`: the caller wants
         the captured states and nothing else (a verdict, a state cache), so the forward
         stops right after the deepest layer captured (docs/design.md §2): a head at layer 15
-        of 30 costs half a prefill. Then `logits` and `cache` are None."""
+        of 30 costs half a prefill. Then `logits` and `cache` are None.
+
+        `stop_if(H, mask)` (generate's early verdict): called as soon as the head's states
+        are captured, inside this pass; True stops the forward there, as `states_only` does
+        (a refusal costs the layers up to the head), False lets it run on through the
+        layers above and fill the rest of the KV cache. Nothing is resumed, so it works the
+        same on every family."""
         wanted = [self.resolve_layer(number) for number in sorted(set(layers or ()))]
         # Which decoder layer fills which captured key ("H" for the head; layer numbers for
         # the sweep). Keys of one layer share its hook, so its norm runs once.
@@ -275,9 +283,15 @@ class Backbone(ChatText):  # chat text, plain user text, the middle cut: casa_cl
         try:
             for number, keys in keys_of.items():
                 hooks.append(self.capture_hook(number, keys, captured))
+            # Registered after the capture hooks on the same module, so they run after them.
+            if stop_if is not None:
+                def stop_on_verdict(module, args, output):
+                    if stop_if(captured["H"], batch["attention_mask"].bool()):
+                        raise _StopForward
+                hooks.append(self.layer_module(self.resolve_layer(layer))
+                             .register_forward_hook(stop_on_verdict))
             if states_only and deepest < self.num_layers:
-                # Registered after the capture hook on the same layer, so it runs after it.
-                hooks.append(self.decoder_layers()[deepest - 1].register_forward_hook(_stop_forward))
+                hooks.append(self.layer_module(deepest).register_forward_hook(_stop_forward))
             out = self.model(**batch, use_cache=use_cache and not states_only, logits_to_keep=1)
         except _StopForward:
             pass
@@ -306,7 +320,12 @@ class Backbone(ChatText):  # chat text, plain user text, the middle cut: casa_cl
         def through_norm(module, args, output):
             states = output[0] if isinstance(output, tuple) else output
             store(norm(states.to(self.device)))
-        return self.decoder_layers()[layer - 1].register_forward_hook(through_norm)
+        return self.layer_module(layer).register_forward_hook(through_norm)
+
+    def layer_module(self, layer: int) -> torch.nn.Module:
+        """The module whose output is decoder layer `layer`'s captured states: the layer
+        itself, or for the last layer the final norm."""
+        return self.final_norm() if layer == self.num_layers else self.decoder_layers()[layer - 1]
 
 
 def resolve_device(device: str) -> torch.device:

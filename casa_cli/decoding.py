@@ -7,7 +7,10 @@ then one forward call per new token on top of its KV cache, greedy or sampled.
   adapter never feeds a safety token: on `safe` decoding continues from the prefill's own
   logits (so the answer is exactly the plain model's), on `unsafe` the adapter's refusal
   text is returned. A LoRA adapter feeds the verdict token's input row as an embedding and
-  the (LoRA) model writes what follows it, a refusal after <|unsafe|>.
+  the (LoRA) model writes what follows it, a refusal after <|unsafe|>. The verdict is taken
+  inside the prefill as soon as the head's layer has run; when `unsafe` means the refusal
+  text (on_unsafe="refuse"), the prefill stops there: a refusal costs the layers up to the
+  head (`timings["prefill_layers"]`).
 - coca (arXiv 2409.11365): `l_P + alpha * (l_P - l_0)` at every step, where l_P has a safety
   principle before the user's turn and l_0 does not. Both branches run as one batch of two
   (left-padded), so each step is one forward call.
@@ -36,6 +39,7 @@ from casa_cli.backbone import Backbone, Prepared
 from casa_cli.head import verdict
 from casa_cli.inputs import InputError, Sample
 from casa_cli.monitor import Monitor, MonitorOptions
+from casa_cli.timing import sync_clock
 
 DEFENSES = ("casa", "coca", "prompt", "vsfa", "none")
 ON_UNSAFE = ("generate", "refuse")
@@ -104,17 +108,18 @@ class Stream:
     positions, whose text offset from the image grid is fixed at the prefill."""
 
     def __init__(self, backbone: Backbone, prepared: list[Prepared], capture: bool = False,
-                 layer: int | None = None):
+                 layer: int | None = None, stop_if: Callable | None = None):
         """`capture`: also keep the head's states `H`, from decoder layer `layer` (the
         adapter's `config.layer`; casa only: other defences run the plain prefill, so
-        `casa profile` charges none of CASA's cost to them)."""
+        `casa profile` charges none of CASA's cost to them). `stop_if`: `Backbone.prefill`'s."""
         self.model = backbone.model
         batch = backbone.collate(prepared)
         # The positions generate would use: attention-mask based (left padding), and for
         # mrope families [text; t; h; w] from the image/audio grids.
         positions = self.model._prepare_position_ids_for_generation(batch["input_ids"], dict(batch))
         batch["position_ids"] = positions
-        self.prefill = backbone.prefill(batch, layer=layer, capture=capture, use_cache=True)
+        self.prefill = backbone.prefill(batch, layer=layer, capture=capture, use_cache=True,
+                                        stop_if=stop_if)
         self.cache = self.prefill.cache
         self.mask = batch["attention_mask"]
         self.position = positions[..., -1:]
@@ -188,13 +193,6 @@ class TextStream:
         if self.on_text is not None and text.startswith(self.sent) and len(text) > len(self.sent):
             self.on_text(text[len(self.sent):])
         return text
-
-
-def sync_clock(device: torch.device) -> float:
-    """perf_counter after the device's queued work, so GPU timings are real."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def decode(backbone: Backbone, logits: torch.Tensor, step: Callable[[int], torch.Tensor],
@@ -316,19 +314,21 @@ def generate(casa, sample: Sample, defense: str = "casa", on_unsafe: str | None 
         """The stream's rows -> the one next-token distribution the loop chooses from."""
         return coca_logits(logits, alpha) if defense == "coca" else logits[0]
 
+    safety = None
+    if defense == "casa":
+        on_unsafe = on_unsafe or ("generate" if writes_after_token(casa) else "refuse")
+        safety = SafetyStep(casa, threshold, stop_on_unsafe=on_unsafe == "refuse")
     started = sync_clock(backbone.device)
     stream = Stream(backbone, prepared, capture=defense == "casa" or monitor is not None,
-                    layer=casa.config.layer)
+                    layer=casa.config.layer, stop_if=safety)
     timings = {"prefill_ms": round((sync_clock(backbone.device) - started) * 1000, 3)}
     watch = None if monitor is None else Monitor(casa, stream.prefill, monitor)
     # prompt_tokens: the user's own prompt (coca's last row is the one without principle)
     result = Generation(id=sample.id, defense=defense, text="", tokens=[],
                         prompt_tokens=int(stream.prefill.mask[-1].sum()),
                         truncated=prepared[-1].truncated, timings=timings)
-    logits = combine(stream.prefill.logits)
-    if defense == "casa":
-        on_unsafe = on_unsafe or ("generate" if writes_after_token(casa) else "refuse")
-        logits = casa_verdict(casa, stream, result, threshold, on_unsafe)
+    logits = (combine(stream.prefill.logits) if safety is None
+              else casa_verdict(casa, stream, safety, result))
     if logits is None:  # refused: the adapter's text stands in for the answer
         result.text = casa.config.refusal
         if on_text is not None:
@@ -359,23 +359,42 @@ def stop_flagged(casa, watch: Monitor, on_flag: str, text: TextStream, result: G
         del text.tokens[watch.stopped_at:]
 
 
-def casa_verdict(casa, stream: Stream, result: Generation, threshold,
-                 on_unsafe: str) -> torch.Tensor | None:
-    """The safety step on the prefill's `H`; sets the verdict on `result` and returns the
-    logits decoding starts from (None when the refusal text stands in). A score that
-    cannot be judged (not finite) raises ValueError: no answer is given for it."""
-    threshold = casa.config.threshold if threshold is None else threshold
-    device = casa.backbone.device
-    started = sync_clock(device)
-    out = casa.head(stream.prefill.H, stream.prefill.mask, backend=casa.kernel)
-    result.p_unsafe = float(out.p_unsafe[0])
-    result.verdict = verdict(result.p_unsafe, threshold)
-    result.timings["safety_ms"] = round((sync_clock(device) - started) * 1000, 3)
-    if result.verdict == "unsafe" and on_unsafe == "refuse":
+class SafetyStep:
+    """CASA's verdict on the prompt's states `H`, taken inside the prefill (its `stop_if`)
+    as soon as the head's layer has run; with `stop_on_unsafe`, `unsafe` ends the prefill
+    there. A score that cannot be judged (not finite) raises ValueError: no answer is given."""
+
+    def __init__(self, casa, threshold: float | None, stop_on_unsafe: bool):
+        self.casa, self.stop_on_unsafe = casa, stop_on_unsafe
+        self.threshold = casa.config.threshold if threshold is None else threshold
+        self.p_unsafe: float | None = None
+        self.verdict: str | None = None
+        self.ms = 0.0
+
+    def __call__(self, H: torch.Tensor, mask: torch.Tensor) -> bool:
+        """The verdict (rows are copies of one prompt); True: stop the prefill."""
+        started = sync_clock(H.device)
+        out = self.casa.head(H, mask, backend=self.casa.kernel)
+        self.p_unsafe = float(out.p_unsafe[0])
+        self.verdict = verdict(self.p_unsafe, self.threshold)
+        self.ms = (sync_clock(H.device) - started) * 1000
+        return self.stop_on_unsafe and self.verdict == "unsafe"
+
+
+def casa_verdict(casa, stream: Stream, safety: SafetyStep, result: Generation) -> torch.Tensor | None:
+    """The verdict the prefill took (its time then included the step's) on `result`;
+    returns the logits decoding starts from (None: the refusal text stands in)."""
+    backbone = casa.backbone
+    result.timings["prefill_ms"] = round(result.timings["prefill_ms"] - safety.ms, 3)
+    result.timings["prefill_layers"] = (backbone.num_layers if stream.prefill.logits is not None
+                                        else backbone.resolve_layer(casa.config.layer))
+    result.p_unsafe, result.verdict = safety.p_unsafe, safety.verdict
+    result.timings["safety_ms"] = round(safety.ms, 3)
+    if result.verdict == "unsafe" and safety.stop_on_unsafe:
         result.refused = True
         return None
     if not writes_after_token(casa):
         return stream.prefill.logits[0]  # exactly the plain model's continuation
     label = int(result.verdict == "unsafe")
-    token = casa.head.token_in[label].to(casa.backbone.dtype).expand(stream.mask.shape[0], 1, -1)
+    token = casa.head.token_in[label].to(backbone.dtype).expand(stream.mask.shape[0], 1, -1)
     return stream.step(inputs_embeds=token)[0]

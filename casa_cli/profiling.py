@@ -23,25 +23,28 @@ decoding does not: load time, input preparation, the safety head alone on a capt
   stops the answer), and the monitor's cost per decode step is taken against that round's
   unmonitored run (`monitored`). The monitor follows one row (`Casa.generate`'s copies are
   copies of one prompt). `guard` answers with the plain model, so it shows `none`'s figures.
+- With casa, each grid point also gets a row of what a verdict alone costs
+  (casa_cli.verdict_cost): classify against a plain full forward, and a refusal against a
+  full prefill, both stopping after the head's layer.
 """
 from __future__ import annotations
 
 import os
-import platform
-import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from casa_cli.decoding import DEFENSES, DecodeOptions, sync_clock
+from casa_cli.decoding import DEFENSES, DecodeOptions
 from casa_cli.guard import GUARD_PROMPT, GUARD_VERDICT_TOKENS, guard_sample
 from casa_cli.head import kernel_available, verdict
 from casa_cli.inputs import InputError, Sample, prompt_sample
 from casa_cli.monitor import MonitorOptions
 from casa_cli.pipeline import Casa, load, peak_rss_mb
+from casa_cli.timing import Timer, device_name, stats
+from casa_cli.verdict_cost import verdict_costs
 
 PROFILED = ("none", *[d for d in DEFENSES if d != "none"], "guard")
 DEFAULT_DEFENSES = ("none", "casa", "coca", "prompt", "guard")
@@ -88,42 +91,18 @@ class Grid:
     @property
     def runs(self) -> int:
         """Generation runs in all, for a progress bar."""
-        per_round = sum(1 + self.watches(d) for d in self.defenses)
+        per_round = sum(1 + self.watches(d) for d in self.defenses) + self.verdicts
         return len(self.prompt_tokens) * len(self.batches) * (self.warmup + self.repeats) * per_round
+
+    @property
+    def verdicts(self) -> bool:
+        """With casa: also what a verdict alone costs (`verdict_cost`)."""
+        return "casa" in self.defenses
 
     def watches(self, defense: str) -> bool:
         """`defense` is timed under the monitor too: with `monitor`, all but the guard (whose
         answer is the plain model's)."""
         return self.monitor and defense != "guard"
-
-
-@dataclass
-class Timer:
-    """Wall time of a block, after the device's queued work (`sync_clock`)."""
-    device: torch.device
-    started: float = field(default=0.0, init=False)
-    ms: float = field(default=0.0, init=False)
-
-    def __enter__(self):
-        self.started = sync_clock(self.device)
-        return self
-
-    def __exit__(self, *exc):
-        self.ms = (sync_clock(self.device) - self.started) * 1000
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name: what a result row is labelled with."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_timed(**options) -> tuple[Casa, float]:
@@ -160,11 +139,6 @@ def synthetic_sample(casa: Casa, tokens: int, images=(), audio=(), reserve: int 
         n += tokens - got
     raise InputError(f"cannot build a prompt of exactly {tokens} tokens for this model "
                      "(the chat template and media alone may be longer)")
-
-
-def stats(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
-            "max": round(max(values), 4)}
 
 
 def head_backends(device: torch.device) -> list[str]:
@@ -357,14 +331,15 @@ def environment(casa: Casa, load_ms: float) -> dict:
 def profile(casa: Casa, grid: Grid, load_ms: float, trace_dir: Path | None = None,
             on_run: Callable[[], None] = lambda: None) -> dict:
     """Measure `grid` on `casa`: the environment, one record per grid point (`inputs`), one
-    row per grid point and defence (`rows`), and the trace file's path with `trace_dir`.
+    row per grid point and defence (`rows`), with casa one row per grid point of what a
+    verdict alone costs (`verdicts`), and the trace file's path with `trace_dir`.
     The load average before and after says how busy the machine was meanwhile."""
     report = environment(casa, load_ms)
     report.update(new_tokens=grid.new_tokens, repeats=grid.repeats, warmup=grid.warmup,
                   monitor={"every": WATCH.every, "threshold": casa.config.threshold,
                            "stops": WATCH.stop} if grid.monitor else None,
                   load_average_start=[round(x, 2) for x in os.getloadavg()])
-    inputs, rows = [], []
+    inputs, rows, verdicts = [], [], []
     reserve = grid.new_tokens + 1
     for tokens in grid.prompt_tokens:
         sample = synthetic_sample(casa, tokens, grid.images, grid.audio, reserve)
@@ -372,11 +347,14 @@ def profile(casa: Casa, grid: Grid, load_ms: float, trace_dir: Path | None = Non
             inputs.append({"prompt_tokens": tokens, "batch": batch,
                            **measure_inputs(casa, sample, batch, grid)})
             rows += measure_defenses(casa, sample, tokens, batch, grid, on_run)
+            if grid.verdicts:
+                verdicts.append({"prompt_tokens": tokens, "batch": batch, **verdict_costs(
+                    casa, [[sample] * batch], grid.repeats, grid.warmup, on_run)})
     if trace_dir is not None:
         sample = synthetic_sample(casa, grid.prompt_tokens[0], grid.images, grid.audio, reserve)
         report["trace"] = str(write_trace(casa, sample, grid.batches[0], grid, Path(trace_dir)))
     report.update(load_average_end=[round(x, 2) for x in os.getloadavg()],
-                  peak_rss_mb=peak_rss_mb(), inputs=inputs, rows=rows)
+                  peak_rss_mb=peak_rss_mb(), inputs=inputs, rows=rows, verdicts=verdicts)
     device = casa.backbone.device
     if device.type == "cuda":
         report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)

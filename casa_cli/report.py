@@ -189,6 +189,9 @@ MONITOR_COST_COLUMNS = ["prompt", "batch", "defence", "decode ms/token", "monito
                         "monitor ms/token", "monitor % of step", "% of answer decode"]
 INPUT_COST_COLUMNS = ["prompt", "batch", "input tokens", "prepare ms", "head us (torch)",
                       "head us (triton)", "monitor us/token"]
+VERDICT_COST_COLUMNS = ["prompt", "batch", "defence", "prompts/s", "full forward prompts/s",
+                        "x full forward", "refusal ms", "full prefill ms", "refusal / prefill",
+                        "head layer", "bound"]
 
 
 def _number(value: float) -> str:
@@ -209,8 +212,8 @@ def _median(stat: dict | None) -> str:
 
 def print_costs(report: dict) -> None:
     """`profiling.profile`'s report on the terminal: each defence's timings and ratios to
-    none, the response monitor's cost (with --monitor), the inputs and the safety head
-    alone, and the environment."""
+    none, the response monitor's cost (with --monitor), a verdict alone (with casa), the
+    inputs and the safety head alone, and the environment."""
     rows = [{"prompt": r["prompt_tokens"], "batch": r["batch"], "defence": r["defence"],
              "input tokens": r["input_tokens"], "prefill ms": _spread(r["prefill_ms"]),
              "safety ms": _spread(r.get("safety_ms")), "first token ms": _spread(r["first_token_ms"]),
@@ -231,6 +234,18 @@ def print_costs(report: dict) -> None:
                      for r in report["rows"]]
         output.print_table(monitored, MONITOR_COST_COLUMNS,
                            title="the response monitor, checking every token; % from paired runs")
+    verdicts = [{"prompt": v["prompt_tokens"], "batch": v["batch"], "defence": "classify",
+                 "prompts/s": _spread(v["classify_prompts_per_s"]),
+                 "full forward prompts/s": _spread(v["full_forward_prompts_per_s"]),
+                 "x full forward": _median(v["classify_speedup"]),
+                 "refusal ms": _spread(v["refusal_ms"]), "full prefill ms": _spread(v["full_prefill_ms"]),
+                 "refusal / prefill": _median(v["refusal_vs_prefill"]),
+                 "head layer": f"{v['head_layer']} of {v['layers']}", "bound": _number(v["bound"])}
+                for v in report.get("verdicts", [])]
+    if verdicts:
+        output.print_table(verdicts, VERDICT_COST_COLUMNS,
+                           title="a verdict alone: the prefill stops after the head's layer "
+                                 "(bound: layers / head layer)")
     inputs = [{"prompt": i["prompt_tokens"], "batch": i["batch"], "input tokens": i["input_tokens"],
                "prepare ms": _spread(i["prepare_ms"]),
                "head us (torch)": _spread(i["safety_head_us"].get("torch")),
@@ -239,7 +254,7 @@ def print_costs(report: dict) -> None:
               for i in report["inputs"]]
     output.print_table(inputs, INPUT_COST_COLUMNS,
                        title="inputs, and the safety head and the monitor's step alone")
-    output.print_fields({k: v for k, v in report.items() if k not in ("rows", "inputs")},
+    output.print_fields({k: v for k, v in report.items() if k not in ("rows", "inputs", "verdicts")},
                         title="environment")
 
 

@@ -25,15 +25,21 @@ def llama(tiny_model):
 
 @pytest.fixture
 def nan_states(monkeypatch):
-    """Every prefill's head states come out NaN (as from broken media or weights)."""
-    prefill = Backbone.prefill
+    """Every captured state comes out NaN (as from broken media or weights), as it is
+    captured: generate's early verdict reads it inside the prefill."""
+    capture_hook = Backbone.capture_hook
 
-    def poisoned(self, batch, *args, **kwargs):
-        out = prefill(self, batch, *args, **kwargs)
-        if out.H is not None:
-            out.H = torch.full_like(out.H, float("nan"))
-        return out
-    monkeypatch.setattr(Backbone, "prefill", poisoned)
+    class Poisoned(dict):
+        def __init__(self, captured):
+            super().__init__()
+            self.captured = captured
+
+        def __setitem__(self, key, states):
+            self.captured[key] = torch.full_like(states, float("nan"))
+
+    def poisoned(self, layer, keys, captured):
+        return capture_hook(self, layer, keys, Poisoned(captured))
+    monkeypatch.setattr(Backbone, "capture_hook", poisoned)
 
 
 # --- fail closed -----------------------------------------------------------------------

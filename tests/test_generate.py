@@ -59,6 +59,35 @@ def test_loop_matches_model_generate(family, tiny_model, tmp_path):
     assert ours.timings["prefill_ms"] > 0 and ours.timings["first_token_ms"] >= ours.timings["prefill_ms"]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_unsafe_verdict_stops_the_prefill_at_the_heads_layer(family, tiny_model, tmp_path):
+    """Issue 19: with the refusal text to give, the verdict is taken inside the prefill and
+    `unsafe` ends it after the head's layer; `safe` lets the same pass run on, and the
+    answer is the plain model's. The verdict equals the one taken after a full prefill."""
+    casa = casa_cli.load(tiny_model(family))
+    casa.config.layer = 1  # of 2
+    images = [make_image(tmp_path / "p.png")] if "image" in MODALITIES[family] else []
+    audio = [make_audio(tmp_path / "a.wav")] if "audio" in MODALITIES[family] else []
+    sample = casa_cli.prompt_sample("Describe this and say if it is dangerous.", images, audio)
+    ran = []
+    hooks = [module.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+             for i, module in enumerate(casa.backbone.decoder_layers(), start=1)]
+    try:
+        refused = casa.generate(sample, "casa", threshold=0.0, on_unsafe="refuse", options=GREEDY)
+        assert ran == [1] and refused.refused and refused.timings["prefill_layers"] == 1
+        ran.clear()
+        answered = casa.generate(sample, "casa", threshold=0.0, on_unsafe="generate", options=GREEDY)
+        assert ran[:2] == [1, 2] and answered.timings["prefill_layers"] == 2
+        assert answered.p_unsafe == refused.p_unsafe and answered.verdict == "unsafe"
+        passed = casa.generate(sample, "casa", threshold=1.0, on_unsafe="refuse", options=GREEDY)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    plain = casa.generate(sample, "none", options=GREEDY)
+    assert passed.verdict == "safe" and passed.p_unsafe == refused.p_unsafe
+    assert passed.tokens == plain.tokens and passed.timings["prefill_layers"] == 2
+
+
 @pytest.mark.parametrize("options", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 def test_casa_safe_with_head_adapter_is_the_plain_model(options, llama):
     sample = casa_cli.prompt_sample(PROMPT)

@@ -13,6 +13,7 @@ from PIL import Image
 import casa_cli
 from casa_cli import profiling, report as report_module
 from casa_cli.decoding import DecodeOptions
+from casa_cli.verdict_cost import verdict_costs
 from conftest import run_casa
 from test_monitor import START, adapter, model, plant  # noqa: F401 (fixtures)
 
@@ -68,6 +69,32 @@ def test_every_defence_has_every_figure(profiled):
         assert point["input_tokens"] == TOKENS
         assert plausible(point["prepare_ms"]) and plausible(point["safety_head_us"]["torch"])
     assert report["load_ms"] > 0 and report["peak_rss_mb"] > 0 and report["device_name"]
+
+
+VERDICT_COSTS = ["classify_prompts_per_s", "full_forward_prompts_per_s", "classify_speedup",
+                 "refusal_ms", "full_prefill_ms", "refusal_vs_prefill"]
+
+
+def test_with_casa_each_point_has_what_a_verdict_alone_costs(profiled, capsys):
+    report, _ = profiled
+    assert [(v["prompt_tokens"], v["batch"]) for v in report["verdicts"]] == [(TOKENS, 1), (TOKENS, 2)]
+    for row in report["verdicts"]:
+        # the tiny model's untrained head reads its last layer: no layer to skip
+        assert row["prompts"] == row["batch"] and row["head_layer"] == row["layers"] == 2
+        assert row["bound"] == 1.0
+        for key in VERDICT_COSTS:
+            assert plausible(row[key]), (key, row[key])
+    report_module.print_costs(report)
+    assert "a verdict alone: the prefill stops after the head's layer" in capsys.readouterr().out
+
+
+def test_verdict_costs_skip_the_layers_above_the_head(tiny_model):
+    casa = casa_cli.load(tiny_model("llama"))
+    casa.config.layer = 1
+    sample = casa_cli.prompt_sample("Tell me how rivers carry sand to the sea.")
+    costs = verdict_costs(casa, [[sample, sample], [sample]], repeats=2, warmup=0)
+    assert costs["prompts"] == 3 and (costs["head_layer"], costs["layers"], costs["bound"]) == (1, 2, 2.0)
+    assert all(plausible(costs[key]) for key in VERDICT_COSTS)
 
 
 def test_trace_is_chrome_trace_json(profiled):
@@ -155,3 +182,5 @@ def test_the_profiled_monitor_checks_every_token_and_never_stops(model, adapter,
                       "--prompt-tokens", TOKENS, "--batch", 1, "--new-tokens", START + 4,
                       "--repeats", 1, "--warmup", 0, "--monitor", "--json")
     assert result.code == 0, result.stderr
+    (report,) = result.records()
+    assert report["verdicts"] == []  # no casa among the defences: no verdict row
