@@ -130,6 +130,7 @@ def test_train_with_a_layer_ships_it_in_the_adapter(tiny_model, tmp_path, casa):
     assert json.loads((out / "casa_config.json").read_text())["layer"] == 1
     info = casa("load", "--model", model, "--adapter", out, "--json")
     assert info.code == 0 and info.records()[0]["head_layer"] == 1
+    assert info.records()[0]["verdict_prefill"].startswith("layers 1-1 of 2 ")
     # What classify reports is the head on layer 1's states, not on the last layer's.
     casa_model = load(str(model), adapter=out)
     assert casa_model.config.layer == 1
