@@ -30,7 +30,8 @@ from casa_cli.adapter import load_adapter
 from casa_cli.backbone import load_backbone
 from casa_cli.data.assemble import builtin_splits, read_jsonl, take_evenly
 from casa_cli.data.baseline import BagOfWords
-from casa_cli.data.independent import SETS as INDEPENDENT, unseen, wrap_in_jailbreaks
+from casa_cli.data.grouping import unseen
+from casa_cli.data.independent import SETS as INDEPENDENT, wrap_in_jailbreaks
 from casa_cli.inputs import prompt_sample
 from casa_cli.metrics import score_metrics
 from casa_cli.pipeline import default_adapter_dir

