@@ -27,6 +27,9 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "casa_config.json"
 HEAD_FILE = "head.safetensors"
 LORA_DIR = "lora"
+# A response head (issue 17): an adapter of its own in this folder, trained on (prompt,
+# response) pairs, that the response monitor and classify's pair verdicts use.
+RESPONSE_DIR = "response"
 LORA_CONFIG = "adapter_config.json"
 LORA_WEIGHTS = "adapter_model.safetensors"
 PICKLED_LORA_WEIGHTS = "adapter_model.bin"  # peft's old format: never loaded (unpickling runs code)
@@ -242,6 +245,19 @@ def load_adapter(directory: Path, backbone) -> tuple[AdapterConfig, SafetyHead]:
         raise InputError(f"{path}: tensor shapes {found} do not match the config's {expected}")
     head.load_state_dict(tensors)
     return config, head.to(backbone.device)
+
+
+def load_response_head(directory: Path, backbone, layer: int | None):
+    """The adapter's response head, (config, head), or None when it has none. It must read
+    the prompt head's `layer`: the monitor keeps one attention state, at one layer."""
+    folder = Path(directory) / RESPONSE_DIR
+    if not folder.is_dir():
+        return None
+    config, head = load_adapter(folder, backbone)
+    if backbone.resolve_layer(config.layer) != backbone.resolve_layer(layer):
+        raise InputError(f"{folder}: the response head reads layer {config.layer}, the prompt "
+                         f"head layer {layer}; both must read the same layer")
+    return config, head
 
 
 def merge_lora(model, directory: Path):

@@ -187,7 +187,9 @@ class Backbone(ChatText):  # chat text, plain user text, the middle cut: casa_cl
         return self.processor(text=texts, **kwargs).to(self.device)
 
     def encode(self, samples: list[Sample], truncate: bool = False, reserve: int = 1):
-        return self.collate([self.prepare(s, truncate, reserve) for s in samples])
+        """Model inputs for `samples`; one with a `response` is the (prompt, response) pair."""
+        return self.collate([self.prepare(s, truncate, reserve, response=s.response)
+                             for s in samples])
 
     def fit_context(self, sample: Sample, truncate: bool, reserve: int,
                     response: str | None = None) -> Prepared:

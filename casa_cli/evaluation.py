@@ -378,7 +378,7 @@ def evaluate(out: str | Path, model: str | None = None, adapter: str | Path | No
                         render=render, limit=limit, max_new_tokens=max_new_tokens,
                         monitor=monitor and {
                             "every": monitor.every, "on_flag": monitor.on_flag, "threshold":
-                            casa.config.threshold if monitor.threshold is None else monitor.threshold})
+                            casa.response_judge()[1] if monitor.threshold is None else monitor.threshold})
     paths = write_outputs(metrics, out, title=f"casa eval: {casa.backbone.source}")
     return Report(metrics, {"records": records_path, **paths}, len(results), failed)
 

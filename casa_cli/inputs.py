@@ -59,9 +59,12 @@ class Sample:
 
     @property
     def key(self) -> str:
-        """A hash of what the model reads: the messages and the media paths (the same
-        question about two images is two prompts). On-disk caches name files by it."""
+        """A hash of what the model reads: the messages, the media paths (the same
+        question about two images is two prompts) and a response to score, if any.
+        On-disk caches name files by it."""
         content = [self.messages, [str(p) for p in self.images + self.audio]]
+        if self.response is not None:  # (a prompt alone keeps the key it always had)
+            content.append(self.response)
         return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:24]
 
     @property

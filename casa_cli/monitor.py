@@ -54,11 +54,12 @@ class Monitor:
     answer judged safe."""
 
     def __init__(self, casa, prefill: Prefill, options: MonitorOptions):
-        self.backbone, self.head, self.every = casa.backbone, casa.head, options.every
-        self.stop = options.stop
-        self.threshold = casa.config.threshold if options.threshold is None else options.threshold
+        self.backbone, self.every, self.stop = casa.backbone, options.every, options.stop
+        # the adapter's response head when it has one (issue 17), else the prompt head
+        self.head, threshold = casa.response_judge()
+        self.threshold = threshold if options.threshold is None else options.threshold
         self.layer = casa.backbone.resolve_layer(casa.config.layer)
-        self.state = casa.head.attention_state(prefill.H[-1:], prefill.mask[-1:])
+        self.state = self.head.attention_state(prefill.H[-1:], prefill.mask[-1:])
         self.latest: HeadOutput | None = None  # the head's output after the newest token
         self.answered = 0  # answer tokens appended to the state
         self.covered = 0  # answer tokens covered by the last check

@@ -16,7 +16,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from casa_cli.adapter import AdapterConfig, init_adapter, load_adapter, lora_path, merge_lora
+from casa_cli.adapter import (AdapterConfig, init_adapter, load_adapter, load_response_head,
+                              lora_path, merge_lora)
 from casa_cli.backbone import Backbone, Prepared, load_backbone, resolve_device
 from casa_cli.decoding import generate
 from casa_cli.head import SafetyHead, check_threshold, kernel_available, resolve_backend, verdict
@@ -41,6 +42,17 @@ class Casa:
     config: AdapterConfig
     adapter_dir: Path | None
     kernel: str = "auto"
+    # The adapter's response head (issue 17), (config, head), if it has one: it judges a
+    # (prompt, response) pair, in classify and in the response monitor; else the prompt
+    # head does.
+    response: tuple[AdapterConfig, SafetyHead] | None = None
+
+    def response_judge(self) -> tuple[SafetyHead, float]:
+        """The head and threshold that judge a response."""
+        if self.response is None:
+            return self.head, self.config.threshold
+        config, head = self.response
+        return head, config.threshold
 
     @property
     def trained(self) -> bool:
@@ -71,6 +83,8 @@ class Casa:
             "adapter_trained": self.trained, "adapter_mode": self.config.mode,
             "safety_tokens": self.config.tokens, "gate": self.config.gate,
             "threshold": self.config.threshold, "heads": self.config.heads,
+            "response_head": None if self.response is None else {
+                "threshold": self.response[0].threshold, "heads": self.response[0].heads},
             "head_layer": self.config.layer or b.num_layers,
             # issue 19: every family stops the same way (a hook at that layer), none falls back
             "verdict_prefill": f"layers 1-{b.resolve_layer(self.config.layer)} of {b.num_layers} "
@@ -94,18 +108,26 @@ class Casa:
         after it; `prompt_tokens` then counts both). With `explain`, each record lists the
         tokens that pushed z up the most. A sample whose score is not a finite probability
         gets an error record, never a verdict."""
-        threshold = self.config.threshold if threshold is None else threshold  # `verdict` checks it
         started = time.perf_counter()
         batch = self.backbone.collate(prepared)
         prefill = self.backbone.prefill(batch, layer=self.config.layer, states_only=True)
+        # Each record is judged by the head for what it scores (a pair: the response head,
+        # when the adapter has one), at that head's threshold unless one is given.
+        judges = {"prompt": (self.head, self.config.threshold)}
+        if any(p.scored == "response" for p in prepared):
+            judges["response"] = self.response_judge()
+        outs = {}
         with torch.no_grad():
-            out = self.head(prefill.H, prefill.mask, backend=self.kernel, return_weights=explain > 0)
+            for scored, (head, _) in judges.items():
+                outs[scored] = head(prefill.H, prefill.mask, backend=self.kernel,
+                                    return_weights=explain > 0)
         per_sample_ms = (time.perf_counter() - started) * 1000 / len(prepared)
         records = []
         for i, p in enumerate(prepared):
+            out = outs[p.scored]
             p_unsafe = float(out.p_unsafe[i])
             try:
-                judged = verdict(p_unsafe, threshold)
+                judged = verdict(p_unsafe, judges[p.scored][1] if threshold is None else threshold)
             except ValueError as err:
                 records.append(error_record(p.sample.id, err))
                 continue
@@ -120,13 +142,14 @@ class Casa:
                 record["label"] = p.sample.label
             if explain:
                 record["explain"] = self.explain(batch["input_ids"][i], prefill.H[i],
-                                                 prefill.mask[i], out.weights[i], explain)
+                                                 prefill.mask[i], out.weights[i], explain,
+                                                 judges[p.scored][0])
             records.append(record)
         return records
 
-    def explain(self, input_ids, H, mask, weights, top: int) -> list[dict]:
-        """Each valid token's share of z, sum_j a[t,j] (H[t].V[j]); the `top` largest."""
-        values = H.float() @ self.head.V.detach().float().T  # (T, K)
+    def explain(self, input_ids, H, mask, weights, top: int, head: SafetyHead) -> list[dict]:
+        """Each valid token's share of `head`'s z, sum_j a[t,j] (H[t].V[j]); the `top` largest."""
+        values = H.float() @ head.V.detach().float().T  # (T, K)
         share = (weights * values).sum(-1).masked_fill(~mask, float("-inf"))
         best = share.topk(min(top, int(mask.sum()))).indices.tolist()
         decode = self.backbone.tokenizer.decode
@@ -252,13 +275,15 @@ def load(model: str | None = None, adapter: str | Path | None = None, device: st
     check_kernel(kernel, backbone.device)
     backbone.max_audio_seconds = max_audio_seconds
     adapter_dir = Path(adapter) if adapter else (default_adapter_dir() if model is None else None)
+    response = None
     if adapter_dir is not None:
         config, head = load_adapter(adapter_dir, backbone)
+        response = load_response_head(adapter_dir, backbone, config.layer)
         if lora_path(adapter_dir):
             backbone.model = merge_lora(backbone.model, lora_path(adapter_dir))
     else:
         config, head = init_adapter(backbone)
-    return Casa(backbone, head.to(backbone.device), config, adapter_dir, kernel)
+    return Casa(backbone, head.to(backbone.device), config, adapter_dir, kernel, response)
 
 
 def check_kernel(kernel: str, device: torch.device) -> None:

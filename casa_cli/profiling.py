@@ -181,12 +181,13 @@ def measure_monitor(casa: Casa, prefill, grid: Grid) -> dict:
     backbone = casa.backbone
     last = backbone.resolve_layer(casa.config.layer) == backbone.num_layers
     norm = (lambda h: h) if last else backbone.final_norm()
-    state, h = casa.head.attention_state(prefill.H[-1:], prefill.mask[-1:]), prefill.H[-1:, -1]
+    head, threshold = casa.response_judge()
+    state, h = head.attention_state(prefill.H[-1:], prefill.mask[-1:]), prefill.H[-1:, -1]
     calls = []
     for _ in range(grid.warmup + 2 + HEAD_CALLS):
         with Timer(backbone.device) as timer:
-            state, out = casa.head.step(state, norm(h))
-            verdict(float(out.p_unsafe[0]), casa.config.threshold)
+            state, out = head.step(state, norm(h))
+            verdict(float(out.p_unsafe[0]), threshold)
         calls.append(timer.ms * 1000)
     return stats(calls[grid.warmup + 2:])
 
@@ -336,7 +337,7 @@ def profile(casa: Casa, grid: Grid, load_ms: float, trace_dir: Path | None = Non
     The load average before and after says how busy the machine was meanwhile."""
     report = environment(casa, load_ms)
     report.update(new_tokens=grid.new_tokens, repeats=grid.repeats, warmup=grid.warmup,
-                  monitor={"every": WATCH.every, "threshold": casa.config.threshold,
+                  monitor={"every": WATCH.every, "threshold": casa.response_judge()[1],
                            "stops": WATCH.stop} if grid.monitor else None,
                   load_average_start=[round(x, 2) for x in os.getloadavg()])
     inputs, rows, verdicts = [], [], []

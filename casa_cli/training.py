@@ -236,6 +236,9 @@ def train(backbone: Backbone, examples: list[Sample], options: TrainOptions,
     LoRA, held-out metrics) runs at that layer only."""
     if options.mode not in MODES:
         raise InputError(f"unknown mode {options.mode!r}; expected one of {', '.join(MODES)}")
+    if options.mode == "lora" and any(s.response is not None for s in examples):
+        raise InputError("records with a 'response' train a head on (prompt, response) pairs "
+                         "(a response head); --mode lora trains on prompts only")
     torch.manual_seed(options.seed)
     candidates = sweep_candidates(backbone, options)
     config, head = init_adapter(backbone, heads=options.heads, gate=options.gate, seed=options.seed)
