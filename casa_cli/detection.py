@@ -1,7 +1,7 @@
 """Detection on prompts an adapter never saw: the README's held-out and independent tables.
 
     python -m casa_cli.detection --adapter DIR [--adapter DIR ...] [--model DIR]
-        [--jailbreak 200] [--json]
+        [--jailbreak 200] [--threshold T ...] [--json]
 
 Each adapter (default: the shipped one) is scored on
 - the built-in held-out views (sources held out whole from training and validation):
@@ -90,7 +90,10 @@ def bag_of_words(sets: dict[str, list[dict]]) -> dict:
     return report(scores, calibrated_threshold(val, scores["val"], TARGET_FPR), sets)
 
 
-def adapter_report(backbone, adapter: Path, sets: dict[str, list[dict]]) -> dict:
+def adapter_report(backbone, adapter: Path, sets: dict[str, list[dict]],
+                   thresholds: list[float] = ()) -> dict:
+    """One adapter's `report` at its own threshold, and (`flagged_at`) the share of each set
+    flagged at each of `thresholds`: other operating points, looked at, never chosen here."""
     config, head = load_adapter(adapter, backbone)
     head = head.float()
     scores = {}
@@ -98,7 +101,13 @@ def adapter_report(backbone, adapter: Path, sets: dict[str, list[dict]]) -> dict
         samples = [prompt_sample(r["text"], sample_id=r["id"]) for r in sets[name]]
         scores[name] = score(head, prompt_states(backbone, samples, config.layer))
     return {"adapter": str(adapter), "layer": config.layer,
-            **report(scores, config.threshold, sets)}
+            **report(scores, config.threshold, sets), "flagged_at": flagged_at(scores, thresholds)}
+
+
+def flagged_at(scores: dict[str, list[float]], thresholds) -> dict:
+    """{threshold: {set: share of its scores at or above it}}"""
+    return {str(t): {name: sum(s >= t for s in values) / len(values)
+                     for name, values in scores.items()} for t in thresholds}
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
@@ -118,6 +127,10 @@ def table(rows: list[tuple[str, dict]]) -> str:
     for category, m in rows[0][1]["recall_by_category"].items():
         lines.append(f"| {category} | {m['n']} | " + " | ".join(
             f"{100 * r['recall_by_category'][category]['recall']:.1f}%" for _, r in rows) + " |")
+    for name, r in rows:
+        for threshold, flagged in r.get("flagged_at", {}).items():
+            lines += ["", f"{name} at threshold {threshold}: " + ", ".join(
+                f"{set_name} {100 * share:.1f}%" for set_name, share in flagged.items())]
     return "\n".join(lines)
 
 
@@ -128,13 +141,16 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default=None, help="model directory [default: the embedded one]")
     parser.add_argument("--jailbreak", type=int, default=200,
                         help="held-out prompts of each label to wrap in jailbreak templates")
+    parser.add_argument("--threshold", type=float, action="append", default=[],
+                        help="also the share of each set each adapter flags at this threshold; "
+                             "repeatable")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     sets = prompt_sets(args.jailbreak)
     rows = [("bag of words", bag_of_words(sets))]
     backbone = load_backbone(args.model)
     for adapter in args.adapter or [default_adapter_dir()]:
-        rows.append((adapter.name, adapter_report(backbone, adapter, sets)))
+        rows.append((adapter.name, adapter_report(backbone, adapter, sets, args.threshold)))
     print(json.dumps(dict(rows), indent=1) if args.json else table(rows))
 
 

@@ -5,7 +5,7 @@ import pytest
 from casa_cli.data import independent
 from casa_cli.data.grouping import SEEN_JACCARD, jaccard_matrix, unseen
 from casa_cli.data.prompt_sets import SETS as TRAINING_SETS
-from casa_cli.detection import report
+from casa_cli.detection import flagged_at, report
 
 
 @pytest.mark.parametrize("name", sorted(independent.SETS))
@@ -72,3 +72,9 @@ def test_report_counts_flags_and_recall_per_category():
     assert out["recall_by_category"]["cyber"] == {"n": 3, "recall": pytest.approx(2 / 3)}
     hate = 1 + 2 * len(independent.SETS)
     assert out["recall_by_category"]["hate"] == {"n": hate, "recall": pytest.approx((1 + len(independent.SETS)) / hate)}
+
+
+def test_flag_rates_at_other_thresholds():
+    scores = {"a": [0.1, 0.5, 0.9, 0.95], "b": [0.2]}
+    assert flagged_at(scores, [0.5, 0.96]) == {"0.5": {"a": 0.75, "b": 0.0},
+                                               "0.96": {"a": 0.0, "b": 0.0}}
