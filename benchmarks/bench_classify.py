@@ -51,7 +51,8 @@ def main() -> None:
     row = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
            "device": device_name(backbone.device),
            "threads": torch.get_num_threads(), "load_average": round(os.getloadavg()[0], 2),
-           "model": backbone.source, "batch": args.batch, "repeats": args.repeats,
+           "model": backbone.source, "adapter": casa.adapter_name, "batch": args.batch,
+           "repeats": args.repeats,
            "refusal_copies": args.refusal_copies}
     for key, value in costs.items():
         if isinstance(value, dict):  # median [min-max]
