@@ -29,10 +29,27 @@ DEFAULT_ADAPTER = "smollm2-135m-instruct"
 WINDOW_BATCHES = 8
 
 
+SHIPPED = Path(__file__).parent / "adapters"
+
+
 def default_adapter_dir() -> Path | None:
     """The adapter shipped for the embedded default, if this install carries one."""
-    path = Path(__file__).parent / "adapters" / DEFAULT_ADAPTER
+    path = SHIPPED / DEFAULT_ADAPTER
     return path if (path / "casa_config.json").is_file() else None
+
+
+def shipped_adapters() -> list[str]:
+    """Names of the adapters this install ships (`--adapter NAME` finds them)."""
+    return sorted(p.name for p in SHIPPED.iterdir() if (p / "casa_config.json").is_file())
+
+
+def adapter_path(adapter: str | Path) -> Path:
+    """`adapter` as a directory: a path as given, or a shipped adapter's bare name when
+    no such directory exists here (a local folder of that name wins)."""
+    path = Path(adapter)
+    if not path.exists() and path.name == str(adapter) and path.name in shipped_adapters():
+        return SHIPPED / path.name
+    return path
 
 
 @dataclass
@@ -63,8 +80,8 @@ class Casa:
         """The adapter as reports name it: the shipped one by name, others by path."""
         if self.adapter_dir is None:
             return None
-        if self.adapter_dir == default_adapter_dir():
-            return f"shipped:{DEFAULT_ADAPTER}"
+        if self.adapter_dir.parent == SHIPPED:
+            return f"shipped:{self.adapter_dir.name}"
         return str(self.adapter_dir)
 
     @property
@@ -79,7 +96,7 @@ class Casa:
             "dtype": str(b.dtype).replace("torch.", ""), "device": str(b.device),
             "hidden_size": b.hidden_size, "layers": b.num_layers,
             "context": b.max_positions, "modalities": sorted({"text", *b.modalities}),
-            "adapter": self.adapter_name,
+            "adapter": self.adapter_name, "shipped_adapters": shipped_adapters(),
             "adapter_trained": self.trained, "adapter_mode": self.config.mode,
             "safety_tokens": self.config.tokens, "gate": self.config.gate,
             "threshold": self.config.threshold, "heads": self.config.heads,
@@ -274,7 +291,7 @@ def load(model: str | None = None, adapter: str | Path | None = None, device: st
                              trust_remote_code=trust_remote_code, device_map=device_map)
     check_kernel(kernel, backbone.device)
     backbone.max_audio_seconds = max_audio_seconds
-    adapter_dir = Path(adapter) if adapter else (default_adapter_dir() if model is None else None)
+    adapter_dir = adapter_path(adapter) if adapter else (default_adapter_dir() if model is None else None)
     response = None
     if adapter_dir is not None:
         config, head = load_adapter(adapter_dir, backbone)

@@ -31,6 +31,22 @@ def test_load_default(default_cached):
     assert (info["family"], info["hidden_size"], info["layers"]) == ("llama", 576, 30)
     assert info["modalities"] == ["text"] and info["dtype"] == "float32"
     assert info["load_seconds"] > 0  # reported; how long it takes belongs to benchmarks
+    assert info["adapter"] == "shipped:smollm2-135m-instruct"
+    assert "smollm2-135m-instruct" in info["shipped_adapters"] and info["response_head"]
+
+
+def test_a_shipped_adapter_is_found_by_name_and_a_local_folder_wins(default_cached, tmp_path):
+    proc = casa_process("load", "--adapter", "smollm2-135m-instruct", "--json", cwd=tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["adapter"] == "shipped:smollm2-135m-instruct"
+    (tmp_path / "smollm2-135m-instruct").mkdir()  # an (empty) folder of that name: it is meant
+    proc = casa_process("load", "--adapter", "smollm2-135m-instruct", cwd=tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "smollm2-135m-instruct" in err and "casa_config.json" in err
+    proc = casa_process("load", "--adapter", "no-such-adapter", cwd=tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "no-such-adapter" in err
 
 
 def test_killed_batch_resumes_without_duplicates(default_cached, tmp_path):

@@ -60,7 +60,8 @@ def parse_layers(value: str | None) -> list[int] | None:
 Model = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Model directory or .gguf file \\[default: the embedded SmolLM2-135M-Instruct].")]
 Adapter = Annotated[Optional[Path], typer.Option(
-    "--adapter", "-a", help="CASA adapter directory \\[default: the shipped one for the default model].")]
+    "--adapter", "-a", help="CASA adapter directory, or the name of a shipped one (`casa load` lists "
+                            "them) \\[default: the shipped one for the default model].")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DeviceMap = Annotated[Optional[str], typer.Option(
     help="auto: spread a model too large for one GPU over all visible GPUs (accelerate); "
