@@ -18,21 +18,9 @@ from casa_cli.backbone import Backbone
 from casa_cli.cache import answers_file
 from casa_cli.head import SafetyHead
 from casa_cli.inputs import InputError, Sample
+from casa_cli.refusals import refusal
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-# Varied refusals for the lora mode's harmful targets, so the model does not learn one string.
-REFUSALS = (
-    "I can't help with that.",
-    "I'm sorry, but I can't assist with that request.",
-    "I won't provide that. It could cause serious harm.",
-    "Sorry, I can't help with this. If you're in danger, please contact local emergency services.",
-    "I can't help with that request, but I'm happy to help with something else.",
-    "That's not something I can help with.",
-    "I'm not able to provide instructions for that.",
-    "I must decline: this request could be used to hurt people.",
-)
-
-
 def decoder_lora(model: torch.nn.Module, r: int, alpha: int):
     """`model` wrapped by peft with trainable LoRA (rank `r`) on the text decoder's attention
     projections (`decoder_targets`)."""
@@ -132,7 +120,7 @@ def fit_lora(backbone: Backbone, head: SafetyHead, examples: list[Sample], label
     model.train()
     for index in order:
         sample, label = examples[index], labels[index]
-        target = generator.choice(REFUSALS) if label == 1 else answers[index]
+        target = refusal(sample.category, generator) if label == 1 else answers[index]
         loss = options.lam * continuation_loss(backbone, model, head, sample, label, target)
         optimiser.zero_grad()
         loss.backward()
