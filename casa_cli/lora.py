@@ -109,7 +109,7 @@ def fit_lora(backbone: Backbone, head: SafetyHead, examples: list[Sample], label
     benign = [i for i, y in enumerate(labels) if y == 0]
     # Keyed by position: ids repeat across several --data files (line-1, ...).
     answers = dict(zip(benign, self_answers(backbone, [examples[i] for i in benign],
-                                            options.max_response_tokens)))
+                                            options.max_response_tokens, batch_size=8)))
     model = decoder_lora(backbone.model, options.lora_r, options.lora_alpha)
     head.token_in.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad] + [head.token_in]
