@@ -3,7 +3,6 @@ trained by `casa train` on records with a `response`, that judges (prompt, respo
 in classify and in the response monitor, while prompts keep the prompt head. Tiny
 random-weight llama; the planted signal is a marker word in the response only."""
 import json
-import random
 
 import torch
 
@@ -12,7 +11,7 @@ from casa_cli.adapter import RESPONSE_DIR, load_adapter, save_adapter
 from casa_cli.decoding import DecodeOptions
 from casa_cli.inputs import Sample, prompt_sample
 from casa_cli.metrics import score_metrics
-from test_adapter_training import WORDS
+from test_adapter_training import separable_manifest
 from test_cli_families import random_head_adapter
 
 PROMPTS = ["Tell me about your weekend plans", "What should I cook tonight",
@@ -20,15 +19,10 @@ PROMPTS = ["Tell me about your weekend plans", "What should I cook tonight",
 
 
 def pairs_manifest(path, n=48, seed=0):
-    """The same prompts for both labels; harmful responses carry 'zebra', safe ones 'violin'."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        harmful = i % 2 == 0
-        words = rng.sample(WORDS, 5)
-        words.insert(rng.randrange(6), "zebra zebra" if harmful else "violin violin")
-        rows.append({"id": f"r{i}", "text": PROMPTS[i % 3], "response": " ".join(words),
-                     "label": "harmful" if harmful else "benign"})
+    """`separable_manifest`'s marker texts as the responses ('zebra' harmful, 'violin'
+    safe), under the same three prompts for both labels."""
+    rows = [json.loads(line) for line in separable_manifest(path, n, seed).read_text().splitlines()]
+    rows = [{**r, "text": PROMPTS[i % 3], "response": r["text"]} for i, r in enumerate(rows)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
