@@ -97,8 +97,14 @@ def launched(device: str = "auto", device_map: str | None = None) -> Iterator[Wo
     if not world.distributed or dist.is_initialized():
         yield world
         return
+    import torch._dynamo  # noqa: F401  (see below)
+
     from casa_cli.backbone import resolve_device
 
+    # torch._dynamo, when first imported after the process group exists (loading a model
+    # does), keeps a reference to the group: destroy_process_group then leaves gloo's
+    # threads running into interpreter shutdown, where they can abort a rank that has
+    # finished its work (SIGABRT, "terminate called without an active exception").
     rank_device = resolve_device(world.device(device))
     if rank_device.type == "cuda":
         torch.cuda.set_device(rank_device)

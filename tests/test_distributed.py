@@ -39,6 +39,11 @@ try:
     main()
 except SystemExit as done:
     Path(os.environ["EXIT_DIR"], "rank" + os.environ["RANK"]).write_text(str(done.code))
+# gloo's threads still running now would meet interpreter shutdown: a rare abort of a rank
+# whose work is done
+threads = [Path(task, "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+Path(os.environ["EXIT_DIR"], "threads" + os.environ["RANK"]).write_text(
+    " ".join(name for name in threads if "gloo" in name))
 '''
 
 
@@ -87,7 +92,9 @@ def torchrun(job, tmp_path, *args, kill_after=0, command="classify"):
          job["runner"], command, "--manifest", job["manifest"], "--model", job["model"],
          "--adapter", job["adapter"], *args],
         env=env, capture_output=True, text=True, timeout=180)
-    codes = {path.name: int(path.read_text()) for path in exits.iterdir()}
+    codes = {path.name: int(path.read_text()) for path in exits.glob("rank*")}
+    leftover = {path.name: path.read_text() for path in exits.glob("threads*")}
+    assert not any(leftover.values()), f"gloo threads outlive destroy_process_group: {leftover}"
     return done, codes
 
 
