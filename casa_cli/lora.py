@@ -1,8 +1,8 @@
-"""LoRA mode of CASA training: the backbone learns to write what follows the safety token.
+"""LoRA mode of CASA training: the model learns to write its own refusal after <|unsafe|>.
 
-The prompt is prefilled with gradients through the LoRA weights; the chosen token's input
-row and the target answer are then fed as embeddings on top of that KV cache, the same two
-steps that decoding takes (prefill, append the verdict token, continue)."""
+The prompt is prefilled on the base weights (the LoRA switched off, as decoding runs it);
+<|unsafe|>'s input row and the target refusal are then fed as embeddings on top of that KV
+cache through the LoRA: the same steps decoding takes (prefill, verdict, continue)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from casa_cli.adapter import peft_quietly
+from casa_cli.adapter import LoraGate, peft_quietly
 from casa_cli.fingerprint import fingerprint
 from casa_cli.backbone import Backbone
 from casa_cli.cache import answers_file
@@ -83,45 +83,46 @@ def self_answers(backbone: Backbone, samples: list[Sample], max_new_tokens: int,
     return [known[k] for k in keys]
 
 
-def continuation_loss(backbone: Backbone, model, head: SafetyHead, sample: Sample, label: int,
-                      target: str) -> torch.Tensor:
-    """CE of `target` given prompt + safety token, through the (LoRA) model."""
-    tokenizer = backbone.tokenizer
+def refusal_loss(backbone: Backbone, gate: LoraGate, head: SafetyHead, sample: Sample,
+                 target: str) -> torch.Tensor:
+    """CE of the refusal `target` after `sample` and <|unsafe|>, as decoding runs it: the
+    prompt prefilled on the base weights (no gradient), then <|unsafe|>'s input row and the
+    target through the LoRA."""
+    tokenizer, model = backbone.tokenizer, backbone.model
     batch = backbone.encode([sample], reserve=1)
-    prefill = model(**batch, use_cache=True, logits_to_keep=1)
+    with torch.no_grad():
+        prefill = model(**batch, use_cache=True, logits_to_keep=1)
     target_ids = tokenizer(target, add_special_tokens=False, return_tensors="pt")["input_ids"]
     eos = torch.tensor([[tokenizer.eos_token_id]])
     target_ids = torch.cat([target_ids, eos], dim=1).to(backbone.device)
     embed = model.get_input_embeddings()
-    inputs = torch.cat([head.token_in[label][None, None].to(backbone.dtype),
+    inputs = torch.cat([head.token_in[1][None, None].to(backbone.dtype),
                         embed(target_ids[:, :-1])], dim=1)
     mask = torch.ones(1, batch["attention_mask"].shape[1] + inputs.shape[1],
                       dtype=batch["attention_mask"].dtype, device=backbone.device)
-    out = model(inputs_embeds=inputs, attention_mask=mask,
-                cache=prefill.cache, use_cache=True)
+    with gate.on():
+        out = model(inputs_embeds=inputs, attention_mask=mask, cache=prefill.cache, use_cache=True)
     return F.cross_entropy(out.logits[0].float(), target_ids[0])
 
 
 def fit_lora(backbone: Backbone, head: SafetyHead, examples: list[Sample], labels: list[int],
              options, on_step: Callable[[int], None] | None = None):
-    """One pass of LoRA + token_in training on the continuation loss (`labels`: 1 harmful,
-    0 benign, one per example); returns the peft model."""
-    benign = [i for i, y in enumerate(labels) if y == 0]
-    # Keyed by position: ids repeat across several --data files (line-1, ...).
-    answers = dict(zip(benign, self_answers(backbone, [examples[i] for i in benign],
-                                            options.max_response_tokens, batch_size=8)))
+    """One pass of LoRA + <|unsafe|>'s input row over the harmful examples (`labels` 1),
+    each taught a refusal of its harm category in varied wording (`refusals.refusal`);
+    returns the peft model. Benign examples teach nothing: after a safe verdict the base
+    model answers, the LoRA switched off."""
+    harmful = [i for i, y in enumerate(labels) if y == 1]
     model = decoder_lora(backbone.model, options.lora_r, options.lora_alpha)
+    gate = LoraGate(backbone.model)
     head.token_in.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad] + [head.token_in]
-    optimiser = torch.optim.AdamW(trainable, lr=options.lora_lr)
+    optimiser = torch.optim.AdamW(trainable, lr=options.lora_lr, weight_decay=0.0)
     generator = random.Random(options.seed)
-    order = list(range(len(examples)))
-    generator.shuffle(order)
+    generator.shuffle(harmful)
     model.train()
-    for index in order:
-        sample, label = examples[index], labels[index]
-        target = refusal(sample.category, generator) if label == 1 else answers[index]
-        loss = options.lam * continuation_loss(backbone, model, head, sample, label, target)
+    for index in harmful:
+        target = refusal(examples[index].category, generator)
+        loss = refusal_loss(backbone, gate, head, examples[index], target)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

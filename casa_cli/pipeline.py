@@ -16,8 +16,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from casa_cli.adapter import (AdapterConfig, init_adapter, load_adapter, load_response_head,
-                              lora_path, merge_lora)
+from casa_cli.adapter import (AdapterConfig, LoraGate, attach_lora, init_adapter, load_adapter,
+                              load_response_head, lora_path, merge_lora)
 from casa_cli.backbone import Backbone, Prepared, load_backbone, resolve_device
 from casa_cli.decoding import generate
 from casa_cli.head import SafetyHead, check_threshold, kernel_available, resolve_backend, verdict
@@ -63,6 +63,9 @@ class Casa:
     # (prompt, response) pair, in classify and in the response monitor; else the prompt
     # head does.
     response: tuple[AdapterConfig, SafetyHead] | None = None
+    # A lora-mode adapter's LoRA, unmerged and off except while the model writes after
+    # <|unsafe|> (`decoding.generate`).
+    refusal_lora: LoraGate | None = None
 
     def response_judge(self) -> tuple[SafetyHead, float]:
         """The head and threshold that judge a response."""
@@ -292,15 +295,18 @@ def load(model: str | None = None, adapter: str | Path | None = None, device: st
     check_kernel(kernel, backbone.device)
     backbone.max_audio_seconds = max_audio_seconds
     adapter_dir = adapter_path(adapter) if adapter else (default_adapter_dir() if model is None else None)
-    response = None
+    response = refusal_lora = None
     if adapter_dir is not None:
         config, head = load_adapter(adapter_dir, backbone)
         response = load_response_head(adapter_dir, backbone, config.layer)
-        if lora_path(adapter_dir):
+        if lora_path(adapter_dir) and config.mode == "lora":
+            refusal_lora = attach_lora(backbone.model, lora_path(adapter_dir))
+        elif lora_path(adapter_dir):  # vsfa: the fine-tuned model answers everything
             backbone.model = merge_lora(backbone.model, lora_path(adapter_dir))
     else:
         config, head = init_adapter(backbone)
-    return Casa(backbone, head.to(backbone.device), config, adapter_dir, kernel, response)
+    return Casa(backbone, head.to(backbone.device), config, adapter_dir, kernel, response,
+                refusal_lora)
 
 
 def check_kernel(kernel: str, device: torch.device) -> None:

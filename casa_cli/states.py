@@ -16,34 +16,32 @@ from casa_cli.inputs import Sample
 
 
 def prompt_states(backbone: Backbone, samples: list[Sample], layer: int | None,
-                  batch_size: int = 16, on_batch: Callable[[int], None] | None = None,
-                  cache: bool = True) -> list[torch.Tensor]:
+                  batch_size: int = 16, on_batch: Callable[[int], None] | None = None
+                  ) -> list[torch.Tensor]:
     """Each prompt's hidden states (T_i, d) in float16 at decoder layer `layer`, the one the
     head reads (an adapter's `config.layer`; None: the last), cached on disk one file per
     base model, layer and prompt, so any subset or superset of a set reuses what was
-    computed (`cache=False` for a backbone carrying trained LoRA weights)."""
+    computed."""
     layer = backbone.resolve_layer(layer)
-    return layer_states(backbone, samples, [layer], batch_size, on_batch, cache)[layer]
+    return layer_states(backbone, samples, [layer], batch_size, on_batch)[layer]
 
 
 def layer_states(backbone: Backbone, samples: list[Sample], layers: list[int],
                  batch_size: int = 16, on_batch: Callable[[int], None] | None = None,
-                 cache: bool = True, keep: bool = True) -> dict[int, list[torch.Tensor]]:
+                 keep: bool = True) -> dict[int, list[torch.Tensor]]:
     """Each prompt's states at each of `layers` (1-based; the last is the final norm's
     output), {layer: [(T_i, d) float16]}. What the cache lacks comes from ONE prefill per
-    prompt that misses any of the layers, hooks on all of them at once. `keep=False` (with
-    the cache) only makes sure every state is on disk and returns nothing: a sweep over
+    prompt that misses any of the layers, hooks on all of them at once. `keep=False` only
+    makes sure every state is on disk and returns nothing: a sweep over
     many layers then loads one layer at a time instead of holding them all in memory."""
     from safetensors.torch import load_file, save_file
 
-    if not cache and not keep:
-        raise ValueError("keep=False needs the cache")
     layers = sorted(set(layers))
     model_key = fingerprint(backbone)
     folders = {layer: states_folder(model_key, layer, backbone.num_layers) for layer in layers}
     keys = [s.key for s in samples]
     paths = {layer: [folders[layer] / f"{key}.safetensors" for key in keys] for layer in layers}
-    have = {layer: [cache and p.is_file() for p in paths[layer]] for layer in layers}
+    have = {layer: [p.is_file() for p in paths[layer]] for layer in layers}
     states = {layer: [load_file(str(p))["H"] if keep and found else None
                       for p, found in zip(paths[layer], have[layer])] for layer in layers}
     missing = [i for i in range(len(samples)) if not all(have[layer][i] for layer in layers)]
@@ -57,16 +55,15 @@ def layer_states(backbone: Backbone, samples: list[Sample], layers: list[int],
         prefill = backbone.prefill(backbone.encode([samples[i] for i in chunk]), capture=False,
                                    layers=wanted, states_only=True)
         for layer in wanted:
-            if cache:
-                folders[layer].mkdir(parents=True, exist_ok=True)
+            folders[layer].mkdir(parents=True, exist_ok=True)
             for row, index in enumerate(chunk):
                 if have[layer][index]:
                     continue
                 H = prefill.layers[layer][row][prefill.mask[row]].to("cpu", torch.float16).clone()
-                if cache:  # written aside and renamed: a killed run leaves no torn file
-                    aside = paths[layer][index].with_suffix(f".{os.getpid()}.tmp")
-                    save_file({"H": H}, str(aside))
-                    os.replace(aside, paths[layer][index])
+                # written aside and renamed: a killed run leaves no torn file
+                aside = paths[layer][index].with_suffix(f".{os.getpid()}.tmp")
+                save_file({"H": H}, str(aside))
+                os.replace(aside, paths[layer][index])
                 if keep:
                     states[layer][index] = H
         del prefill

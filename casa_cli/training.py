@@ -1,16 +1,16 @@
 """Training CASA adapters (docs/design.md §2).
 
-    loss = CE(gated safety step, label) + lambda * CE(response | prompt, safety token)
-
-with weight `beta` on harmful examples. Two modes:
-- head: the backbone is frozen, so each prompt's final hidden states are computed once and
+The head: CE of the gated safety step against the label, weight `beta` on harmful examples.
+Two modes:
+- head: the backbone is frozen, so each prompt's hidden states are computed once and
   cached; only Q, V, b and the safety-token output rows train (minutes on a CPU). A
   head-only adapter never feeds the safety token back into the model (on `safe` decoding
-  continues exactly as the plain model, on `unsafe` the configured refusal is returned), so
-  the response term has nothing to move and lambda does not apply.
-- lora: peft LoRA on the backbone as well. The safety token's input row is fed after the
-  prompt and the model learns to continue: its own earlier answer (self-distillation keeps
-  utility) after <|safe|>, a refusal after <|unsafe|>.
+  continues exactly as the plain model, on `unsafe` the configured refusal is returned).
+- lora: the head as above, then peft LoRA on the backbone, switched on only after
+  <|unsafe|>: fed that token's input row after the prompt, the model learns to write a
+  refusal of the request's harm category in varied wording (`casa_cli.refusals`). After
+  <|safe|> the base model answers (the LoRA off), so it keeps its helpfulness exactly and
+  needs no self-distillation.
 Ablation variants of the head: "full", "token" (the token rows only, z = 0), "attention"
 (the attention score only, token rows at zero).
 """
@@ -48,7 +48,6 @@ class TrainOptions:
     weight_decay: float = 1e-2
     batch_size: int = 64
     beta: float = 1.0  # weight of harmful examples in the safety-step loss
-    lam: float = 1.0  # weight of the response loss (lora mode)
     val_fraction: float = 0.15
     patience: int = 8
     target_fpr: float = 0.05  # the threshold is set to this FPR on validation benign prompts
@@ -56,7 +55,6 @@ class TrainOptions:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_lr: float = 2e-4
-    max_response_tokens: int = 48
     # Decoder layer the head reads (1-based, through the final norm): "auto" fits the head
     # at each of `layers` (default: `candidate_layers`) and keeps the best on validation;
     # None = the last (docs/design.md §2).
@@ -268,16 +266,6 @@ def train(backbone: Backbone, examples: list[Sample], options: TrainOptions,
                                                     options, tick)
         config.layer = next(row["layer"] for row in sweep if row["chosen"])
         train_states, val_states = states[: len(examples)], states[len(examples):]
-    lora_model = None
-    if options.mode == "lora":
-        lora_model = fit_lora(backbone, head, examples, train_y, options,
-                              on_step=tick("lora", len(examples)))
-        # The served model carries the LoRA weights, so its prompt states are what the head
-        # reads at inference: fit the head again on them.
-        states = prompt_states(backbone, all_samples, config.layer, cache=False,
-                               on_batch=tick("hidden states (lora)", len(all_samples)))
-        train_states, val_states = states[: len(examples)], states[len(examples):]
-        history += fit_head(head, (train_states, train_y), (val_states, val_y), options)
     val_scores = score(head, val_states)
     config.threshold = calibrated_threshold(val_y, val_scores, options.target_fpr)
     head.threshold = config.threshold
@@ -292,10 +280,15 @@ def train(backbone: Backbone, examples: list[Sample], options: TrainOptions,
     config.metrics = {"validation": evaluate(head, val_states, val_y, config.threshold)}
     for name, samples in (heldout or {}).items():
         held_states = prompt_states(backbone, samples, config.layer,
-                                    cache=options.mode == "head",
                                     on_batch=tick(f"held-out {name}", len(samples)))
         config.metrics[name] = evaluate(head, held_states, [label_of(s) for s in samples],
                                         config.threshold)
+    lora_model = None
+    if options.mode == "lora":
+        # Last, as the LoRA is off for the prompt (it writes only after <|unsafe|>): the
+        # head's states, and so everything fitted and measured above, are the base model's.
+        lora_model = fit_lora(backbone, head, examples, train_y, options,
+                              on_step=tick("lora", sum(train_y)))
     return config, head, lora_model
 
 

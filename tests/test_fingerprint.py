@@ -99,7 +99,9 @@ def test_cached_states_and_answers_never_mix(base, tuned, tmp_path, monkeypatch)
     a, b = load_backbone(str(base)), load_backbone(str(tuned))
     states_a = prompt_states(a, samples, None)  # fills the cache for the base model
     states_b = prompt_states(b, samples, None)  # must not read it
-    fresh_b = prompt_states(b, samples, None, cache=False)
+    monkeypatch.setenv("CASA_CACHE_DIR", str(tmp_path / "elsewhere"))
+    fresh_b = prompt_states(b, samples, None)  # computed afresh, into a cache of its own
+    monkeypatch.setenv("CASA_CACHE_DIR", str(tmp_path / "cache"))
     for cached, fresh, other in zip(states_b, fresh_b, states_a):
         assert torch.equal(cached, fresh)
         assert not torch.equal(cached, other)

@@ -1,8 +1,9 @@
 """`casa generate` and `casa_cli.generate` on tiny random-weight models: every defence runs
 the same decoding loop, which must agree with `model.generate` on every family; CASA with a
 head-only adapter is the plain model on `safe` and the refusal text on `unsafe`; a LoRA
-adapter continues after the safety token's embedding; CoCA's two branches run as one batch."""
+adapter's LoRA writes only after <|unsafe|>'s embedding; CoCA's two branches run as one batch."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -167,7 +168,7 @@ def test_prompt_defense_is_a_safety_system_prompt(llama):
     assert prompted.prompt_tokens > llama.generate(sample, defense="none", options=SAMPLED).prompt_tokens
 
 
-def test_lora_adapter_decodes_after_the_safety_token(tiny_model, tmp_path):
+def test_lora_adapter_writes_after_unsafe_only(tiny_model, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from casa_cli.lora import LORA_TARGETS
@@ -184,20 +185,38 @@ def test_lora_adapter_decodes_after_the_safety_token(tiny_model, tmp_path):
 
     casa = casa_cli.load(model, adapter=adapter)
     plain = casa_cli.load(model).generate(PROMPT, defense="none", options=GREEDY)
-    for threshold, verdict in ((1.0, "safe"), (0.0, "unsafe")):
-        result = casa.generate(PROMPT, threshold=threshold, options=GREEDY)
-        assert result.verdict == verdict and not result.refused  # LoRA default: generate
-        # Reference: generate of the (LoRA-merged) model over the prompt's embeddings and
-        # the verdict token's input row.
-        batch = casa.backbone.encode([casa_cli.prompt_sample(PROMPT)], reserve=9)
-        embeds = casa.backbone.model.get_input_embeddings()(batch["input_ids"])
-        row = casa.head.token_in[int(verdict == "unsafe")][None, None].to(embeds.dtype)
-        embeds = torch.cat([embeds, row], dim=1)
-        out = casa.backbone.model.generate(
-            inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-            max_new_tokens=8, do_sample=False, eos_token_id=sorted(stop_ids(casa.backbone)))
-        assert result.tokens == out[0].tolist()
-        assert result.tokens != plain.tokens
+    safe = casa.generate(PROMPT, threshold=1.0, options=GREEDY)
+    assert safe.verdict == "safe" and safe.tokens == plain.tokens  # the base model, LoRA off
+    unsafe = casa.generate(PROMPT, threshold=0.0, options=GREEDY)
+    assert unsafe.verdict == "unsafe" and not unsafe.refused  # LoRA default: generate
+    # Reference, by hand: the prompt prefilled on the base weights, then <|unsafe|>'s input
+    # row and greedy tokens through the LoRA.
+    backbone = casa.backbone
+    batch = backbone.encode([casa_cli.prompt_sample(PROMPT)], reserve=9)
+    with torch.no_grad():
+        out = backbone.model(**batch, use_cache=True)
+        embeds = casa.head.token_in[1][None, None].to(backbone.dtype)
+        tokens, cache, length = [], out.cache, batch["input_ids"].shape[1]
+        with casa.refusal_lora.on():
+            while len(tokens) < GREEDY.max_new_tokens:
+                length += 1
+                out = backbone.model(inputs_embeds=embeds, cache=cache, use_cache=True,
+                                     attention_mask=torch.ones(1, length, dtype=torch.long))
+                cache, token = out.cache, int(out.logits[0, -1].argmax())
+                tokens.append(token)
+                if token in stop_ids(backbone):
+                    break
+                embeds = backbone.model.get_input_embeddings()(torch.tensor([[token]]))
+    assert unsafe.tokens == tokens != plain.tokens
+    # the LoRA is off again for what follows, and never on outside casa's unsafe branch
+    assert casa.generate(PROMPT, defense="none", options=GREEDY).tokens == plain.tokens
+    head_only = tmp_path / "head-only"
+    shutil.copytree(adapter, head_only, ignore=shutil.ignore_patterns("lora"))
+    config = json.loads((head_only / "casa_config.json").read_text())
+    (head_only / "casa_config.json").write_text(json.dumps({**config, "mode": "head"}))
+    verdicts = [next(c.classify([casa_cli.prompt_sample(PROMPT)]))["p_unsafe"]
+                for c in (casa, casa_cli.load(model, adapter=head_only))]
+    assert verdicts[0] == verdicts[1]  # the head reads the base model's states
     assert casa.generate(PROMPT, threshold=0.0, on_unsafe="refuse").text == casa.config.refusal
 
 

@@ -25,7 +25,8 @@ def command(
     limit: Annotated[Optional[int], typer.Option(
         min=1, help="At most N training examples per label, taken evenly (deterministic), and "
         "the same share of each label from --val and --heldout: for a quick try.")] = None,
-    mode: Annotated[str, typer.Option(help="head (backbone frozen) or lora (LoRA on the backbone too).")] = "head",
+    mode: Annotated[str, typer.Option(help="head (backbone frozen) or lora (the head, then a LoRA that writes the model's own "
+        "refusal after <|unsafe|>; off for the prompt and after <|safe|>).")] = "head",
     variant: Annotated[str, typer.Option(help="full, token (token rows only) or attention (score only).")] = "full",
     heads: Annotated[int, typer.Option(min=1, help="Safety-attention heads K.")] = 4,
     layer: Annotated[str, typer.Option(
@@ -44,7 +45,6 @@ def command(
     lr: Annotated[float, c.Finite(positive=True, help="Head learning rate.")] = 3e-3,
     weight_decay: Annotated[float, c.Finite(min=0.0, help="AdamW weight decay of the head.")] = 1e-2,
     beta: Annotated[float, c.Finite(positive=True, help="Weight of harmful examples.")] = 1.0,
-    lam: Annotated[float, c.Finite("--lambda", min=0.0, help="Weight of the response loss (lora).")] = 1.0,
     val_fraction: Annotated[float, c.Finite(min=0.01, max=0.9)] = 0.15,
     patience: Annotated[int, typer.Option(min=1)] = 8,
     target_fpr: Annotated[float, c.Finite(min=0.0, max=1.0, help="Threshold set to this FPR on validation benign.")] = 0.05,
@@ -72,7 +72,7 @@ def command(
     from casa_cli.training import TrainOptions
 
     options = TrainOptions(mode=mode, variant=variant, heads=heads, layer=layer, layers=layers, gate=gate, epochs=epochs,
-                           lr=lr, weight_decay=weight_decay, beta=beta, lam=lam, val_fraction=val_fraction,
+                           lr=lr, weight_decay=weight_decay, beta=beta, val_fraction=val_fraction,
                            patience=patience, target_fpr=target_fpr, seed=seed)
     adapter = train(model, data, val, heldout, limit, options, device=device, dtype=dtype,
                     trust_remote_code=trust_remote_code)
