@@ -16,6 +16,7 @@ from casa_cli.adapter import LoraGate, peft_quietly
 from casa_cli.fingerprint import fingerprint
 from casa_cli.backbone import Backbone
 from casa_cli.cache import answers_file
+from casa_cli.decoding import Stream
 from casa_cli.head import SafetyHead
 from casa_cli.inputs import InputError, Sample
 from casa_cli.refusals import refusal
@@ -83,34 +84,40 @@ def self_answers(backbone: Backbone, samples: list[Sample], max_new_tokens: int,
     return [known[k] for k in keys]
 
 
-def refusal_loss(backbone: Backbone, gate: LoraGate, head: SafetyHead, sample: Sample,
-                 target: str) -> torch.Tensor:
-    """CE of the refusal `target` after `sample` and <|unsafe|>, as decoding runs it: the
-    prompt prefilled on the base weights (no gradient), then <|unsafe|>'s input row and the
-    target through the LoRA."""
+def refusal_loss(backbone: Backbone, gate: LoraGate, head: SafetyHead, samples: list[Sample],
+                 targets: list[str]) -> torch.Tensor:
+    """Mean CE over the tokens of each refusal in `targets` after its prompt and <|unsafe|>,
+    as decoding runs it: the prompts prefilled on the base weights as one left-padded batch,
+    without gradient (`Stream`: its positions and masks), then <|unsafe|>'s input row and the
+    targets (right-padded) through the LoRA on that KV cache."""
     tokenizer, model = backbone.tokenizer, backbone.model
-    batch = backbone.encode([sample], reserve=1)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+           for t in targets]
+    width = max(map(len, ids))
     with torch.no_grad():
-        prefill = model(**batch, use_cache=True, logits_to_keep=1)
-    target_ids = tokenizer(target, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    eos = torch.tensor([[tokenizer.eos_token_id]])
-    target_ids = torch.cat([target_ids, eos], dim=1).to(backbone.device)
-    embed = model.get_input_embeddings()
-    inputs = torch.cat([head.token_in[1][None, None].to(backbone.dtype),
-                        embed(target_ids[:, :-1])], dim=1)
-    mask = torch.ones(1, batch["attention_mask"].shape[1] + inputs.shape[1],
-                      dtype=batch["attention_mask"].dtype, device=backbone.device)
+        stream = Stream(backbone, [backbone.prepare(s, reserve=width) for s in samples])
+    # Position j reads <|unsafe|> (j = 0) or target token j-1, and predicts target token j.
+    labels = torch.full((len(ids), width), -100, dtype=torch.long)
+    for row, tokens in enumerate(ids):
+        labels[row, :len(tokens)] = torch.tensor(tokens)
+    labels = labels.to(backbone.device)
+    fed = model.get_input_embeddings()(labels[:, :-1].clamp(min=0))
+    unsafe = head.token_in[1].to(backbone.dtype).expand(len(ids), 1, -1)
+    valid = (labels != -100).to(stream.mask.dtype)
+    steps = torch.arange(1, width + 1, device=backbone.device)
     with gate.on():
-        out = model(inputs_embeds=inputs, attention_mask=mask, cache=prefill.cache, use_cache=True)
-    return F.cross_entropy(out.logits[0].float(), target_ids[0])
+        out = model(inputs_embeds=torch.cat([unsafe, fed], dim=1),
+                    attention_mask=torch.cat([stream.mask, valid], dim=1),
+                    position_ids=stream.position + steps, cache=stream.cache, use_cache=True)
+    return F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
 def fit_lora(backbone: Backbone, head: SafetyHead, examples: list[Sample], labels: list[int],
              options, on_step: Callable[[int], None] | None = None):
-    """One pass of LoRA + <|unsafe|>'s input row over the harmful examples (`labels` 1),
-    each taught a refusal of its harm category in varied wording (`refusals.refusal`);
-    returns the peft model. Benign examples teach nothing: after a safe verdict the base
-    model answers, the LoRA switched off."""
+    """One pass of LoRA + <|unsafe|>'s input row over the harmful examples (`labels` 1), in
+    batches of `options.lora_batch_size`, each taught a refusal of its harm category in
+    varied wording (`refusals.refusal`); returns the peft model. Benign examples teach
+    nothing: after a safe verdict the base model answers, the LoRA switched off."""
     harmful = [i for i, y in enumerate(labels) if y == 1]
     model = decoder_lora(backbone.model, options.lora_r, options.lora_alpha)
     gate = LoraGate(backbone.model)
@@ -120,13 +127,14 @@ def fit_lora(backbone: Backbone, head: SafetyHead, examples: list[Sample], label
     generator = random.Random(options.seed)
     generator.shuffle(harmful)
     model.train()
-    for index in harmful:
-        target = refusal(examples[index].category, generator)
-        loss = refusal_loss(backbone, gate, head, examples[index], target)
+    for start in range(0, len(harmful), options.lora_batch_size):
+        batch = [examples[i] for i in harmful[start:start + options.lora_batch_size]]
+        targets = [refusal(sample.category, generator) for sample in batch]
+        loss = refusal_loss(backbone, gate, head, batch, targets)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         if on_step:
-            on_step(1)
+            on_step(len(batch))
     model.eval()
     return model

@@ -55,6 +55,7 @@ class TrainOptions:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_lr: float = 2e-4
+    lora_batch_size: int = 8
     # Decoder layer the head reads (1-based, through the final norm): "auto" fits the head
     # at each of `layers` (default: `candidate_layers`) and keeps the best on validation;
     # None = the last (docs/design.md §2).

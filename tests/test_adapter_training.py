@@ -144,3 +144,47 @@ def test_train_with_a_layer_ships_it_in_the_adapter(tiny_model, tmp_path, casa):
 
     too_deep = casa("train", "--model", model, "--data", data, "--layer", 99, "--out", tmp_path / "x")
     assert too_deep.code == 2 and "layer 99 is out of range" in too_deep.stderr
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_vl"])
+def test_lora_training_scores_refusals_as_decoding_writes_them(tiny_model, family):
+    """Reference: decoding itself (`Stream`, one prompt at a time, the LoRA switched on at
+    <|unsafe|>), teacher-forced through each refusal. The training loss over a left-padded
+    batch of prompts and right-padded refusals of different lengths must equal its mean
+    token NLL (fp32, 1e-5): positions, masks and the gate as decoding has them."""
+    from casa_cli.adapter import LoraGate
+    from casa_cli.decoding import Stream
+    from casa_cli.lora import decoder_lora, refusal_loss
+
+    casa_model = load(str(tiny_model(family)))
+    backbone = casa_model.backbone
+    decoder_lora(backbone.model, r=4, alpha=8)
+    gate = LoraGate(backbone.model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in backbone.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)  # peft starts B at zero: the LoRA would change nothing
+        casa_model.head.token_in.normal_()
+    samples = [prompt_sample("river stone"), prompt_sample("a much longer prompt about the quiet garden music")]
+    targets = ["No.", "I can't help with that, but here is a safer idea."]
+    batched = refusal_loss(backbone, gate, casa_model.head, samples, targets)
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for sample, target in zip(samples, targets):
+            ids = backbone.tokenizer(target, add_special_tokens=False)["input_ids"]
+            ids.append(backbone.tokenizer.eos_token_id)
+            stream = Stream(backbone, [backbone.prepare(sample, reserve=len(ids))])
+            with gate.on():
+                logits = stream.step(inputs_embeds=casa_model.head.token_in[1][None, None])
+                for token in ids:
+                    total -= float(torch.log_softmax(logits[0].float(), -1)[token])
+                    logits = stream.feed(token)
+            count += len(ids)
+    assert float(batched.detach()) == pytest.approx(total / count, abs=1e-5)
+    # and the gate is off again: the plain model's logits
+    plain = Stream(backbone, [backbone.prepare(samples[0])]).prefill.logits
+    gate.switch(True)
+    assert not torch.allclose(plain, Stream(backbone, [backbone.prepare(samples[0])]).prefill.logits)
+    gate.switch(False)
