@@ -114,27 +114,29 @@ def refusal_loss(backbone: Backbone, gate: LoraGate, head: SafetyHead, samples: 
 
 def fit_lora(backbone: Backbone, head: SafetyHead, examples: list[Sample], labels: list[int],
              options, on_step: Callable[[int], None] | None = None):
-    """One pass of LoRA + <|unsafe|>'s input row over the harmful examples (`labels` 1), in
-    batches of `options.lora_batch_size`, each taught a refusal of its harm category in
+    """LoRA + <|unsafe|>'s input row over the harmful examples (`labels` 1), for
+    `options.lora_epochs` passes in batches of `options.lora_batch_size`, each taught a refusal of its harm category in
     varied wording (`refusals.refusal`); returns the peft model. Benign examples teach
     nothing: after a safe verdict the base model answers, the LoRA switched off."""
     harmful = [i for i, y in enumerate(labels) if y == 1]
+    torch.manual_seed(options.seed)  # the LoRA's initial weights, whatever ran before
     model = decoder_lora(backbone.model, options.lora_r, options.lora_alpha)
     gate = LoraGate(backbone.model)
     head.token_in.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad] + [head.token_in]
     optimiser = torch.optim.AdamW(trainable, lr=options.lora_lr, weight_decay=0.0)
     generator = random.Random(options.seed)
-    generator.shuffle(harmful)
     model.train()
-    for start in range(0, len(harmful), options.lora_batch_size):
-        batch = [examples[i] for i in harmful[start:start + options.lora_batch_size]]
-        targets = [refusal(sample.category, generator) for sample in batch]
-        loss = refusal_loss(backbone, gate, head, batch, targets)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        if on_step:
-            on_step(len(batch))
+    for _ in range(options.lora_epochs):
+        generator.shuffle(harmful)  # and each epoch draws new wordings
+        for start in range(0, len(harmful), options.lora_batch_size):
+            batch = [examples[i] for i in harmful[start:start + options.lora_batch_size]]
+            targets = [refusal(sample.category, generator) for sample in batch]
+            loss = refusal_loss(backbone, gate, head, batch, targets)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            if on_step:
+                on_step(len(batch))
     model.eval()
     return model

@@ -108,7 +108,9 @@ class Casa:
             "head_layer": self.config.layer or b.num_layers,
             # issue 19: every family stops the same way (a hook at that layer), none falls back
             "verdict_prefill": f"layers 1-{b.resolve_layer(self.config.layer)} of {b.num_layers} "
-                               "(classify, and generate until the verdict; a refusal stops there)",
+                               + ("(classify; generate prefills every layer, as the LoRA writes "
+                                  "the refusal after it)" if self.refusal_lora else
+                                  "(classify, and generate until the verdict; a refusal stops there)"),
             "head_backend": self.backend, "load_seconds": round(b.load_seconds, 3),
             "import_seconds": round(b.import_seconds, 3),
         }

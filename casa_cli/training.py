@@ -54,8 +54,9 @@ class TrainOptions:
     seed: int = 0
     lora_r: int = 8
     lora_alpha: int = 16
-    lora_lr: float = 2e-4
+    lora_lr: float = 2e-3
     lora_batch_size: int = 8
+    lora_epochs: int = 2
     # Decoder layer the head reads (1-based, through the final norm): "auto" fits the head
     # at each of `layers` (default: `candidate_layers`) and keeps the best on validation;
     # None = the last (docs/design.md §2).
@@ -289,7 +290,7 @@ def train(backbone: Backbone, examples: list[Sample], options: TrainOptions,
         # Last, as the LoRA is off for the prompt (it writes only after <|unsafe|>): the
         # head's states, and so everything fitted and measured above, are the base model's.
         lora_model = fit_lora(backbone, head, examples, train_y, options,
-                              on_step=tick("lora", sum(train_y)))
+                              on_step=tick("lora", sum(train_y) * options.lora_epochs))
     return config, head, lora_model
 
 
