@@ -301,8 +301,7 @@ def generate(casa, sample: Sample, defense: str = "casa", on_unsafe: str | None 
     if defense == "prompt":
         sample = with_system_prompt(sample, system_prompt or casa.config.safety_prompt
                                     or DEFAULT_SYSTEM_PROMPT)
-    # Room for the new tokens and (casa with LoRA) the safety token.
-    reserve = options.max_new_tokens + 1
+    reserve = options.max_new_tokens + 1  # and (casa with LoRA) <|unsafe|>
     prepared = [backbone.prepare(sample, truncate, reserve)] * copies
     if defense == "coca":
         prepared = [backbone.prepare(with_principle(sample, principle or DEFAULT_PRINCIPLE),
@@ -329,7 +328,7 @@ def generate(casa, sample: Sample, defense: str = "casa", on_unsafe: str | None 
     writes_refusal = safety is not None and safety.verdict == "unsafe" and writes_after_token(casa)
     with casa.refusal_lora.on() if writes_refusal else nullcontext():
         logits = (combine(stream.prefill.logits) if safety is None
-                  else casa_verdict(casa, stream, safety, result))
+                  else casa_verdict(casa, stream, safety, result, writes_refusal))
         if logits is None:  # refused: the adapter's text stands in for the answer
             result.text = casa.config.refusal
             if on_text is not None:
@@ -382,9 +381,10 @@ class SafetyStep:
         return self.stop_on_unsafe and self.verdict == "unsafe"
 
 
-def casa_verdict(casa, stream: Stream, safety: SafetyStep, result: Generation) -> torch.Tensor | None:
-    """The verdict the prefill took (its time then included the step's) on `result`;
-    returns the logits decoding starts from (None: the refusal text stands in)."""
+def casa_verdict(casa, stream: Stream, safety: SafetyStep, result: Generation,
+                 writes_refusal: bool) -> torch.Tensor | None:
+    """The verdict the prefill took (its time then included the step's) on `result`; returns
+    the logits decoding starts from (None: the refusal text stands in)."""
     backbone = casa.backbone
     result.timings["prefill_ms"] = round(result.timings["prefill_ms"] - safety.ms, 3)
     result.timings["prefill_layers"] = (backbone.num_layers if stream.prefill.logits is not None
@@ -394,7 +394,7 @@ def casa_verdict(casa, stream: Stream, safety: SafetyStep, result: Generation) -
     if result.verdict == "unsafe" and safety.stop_on_unsafe:
         result.refused = True
         return None
-    if result.verdict == "safe" or not writes_after_token(casa):
+    if not writes_refusal:
         return stream.prefill.logits[0]  # exactly the plain model's continuation
-    token = casa.head.token_in[1].to(backbone.dtype).expand(stream.mask.shape[0], 1, -1)
-    return stream.step(inputs_embeds=token)[0]  # <|unsafe|>: the caller switched the LoRA on
+    unsafe = casa.head.token_in[1].to(backbone.dtype).expand(stream.mask.shape[0], 1, -1)
+    return stream.step(inputs_embeds=unsafe)[0]  # with the LoRA on (writes_refusal)

@@ -115,8 +115,9 @@ def refusal_loss(backbone: Backbone, gate: LoraGate, head: SafetyHead, samples: 
 def fit_lora(backbone: Backbone, head: SafetyHead, examples: list[Sample], labels: list[int],
              options, on_step: Callable[[int], None] | None = None):
     """LoRA + <|unsafe|>'s input row over the harmful examples (`labels` 1), for
-    `options.lora_epochs` passes in batches of `options.lora_batch_size`, each taught a refusal of its harm category in
-    varied wording (`refusals.refusal`); returns the peft model. Benign examples teach
+    `options.lora_epochs` passes in batches of `options.lora_batch_size`, each taught a
+    refusal of its harm category in varied wording (`refusals.refusal`); returns the peft
+    model. Benign examples teach
     nothing: after a safe verdict the base model answers, the LoRA switched off."""
     harmful = [i for i, y in enumerate(labels) if y == 1]
     torch.manual_seed(options.seed)  # the LoRA's initial weights, whatever ran before

@@ -301,10 +301,11 @@ def load(model: str | None = None, adapter: str | Path | None = None, device: st
     if adapter_dir is not None:
         config, head = load_adapter(adapter_dir, backbone)
         response = load_response_head(adapter_dir, backbone, config.layer)
-        if lora_path(adapter_dir) and config.mode == "lora":
-            refusal_lora = attach_lora(backbone.model, lora_path(adapter_dir))
-        elif lora_path(adapter_dir):  # vsfa: the fine-tuned model answers everything
-            backbone.model = merge_lora(backbone.model, lora_path(adapter_dir))
+        lora = lora_path(adapter_dir)
+        if lora and config.mode == "lora":
+            refusal_lora = attach_lora(backbone.model, lora)
+        elif lora:  # vsfa: the fine-tuned model answers everything
+            backbone.model = merge_lora(backbone.model, lora)
     else:
         config, head = init_adapter(backbone)
     return Casa(backbone, head.to(backbone.device), config, adapter_dir, kernel, response,
