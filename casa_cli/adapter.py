@@ -176,6 +176,12 @@ def save_adapter(directory: Path, config: AdapterConfig, head: SafetyHead, lora_
     (directory / CONFIG_FILE).write_text(json.dumps(strict_json(asdict(config)), indent=2) + "\n")
     if lora_model is not None:
         lora_model.save_pretrained(directory / LORA_DIR, safe_serialization=True)
+        # peft records where the base weights were read from: a path of this machine, which
+        # a shared adapter should not carry (casa checks the model by its fingerprint).
+        peft_config = directory / LORA_DIR / LORA_CONFIG
+        fields = read_json_object(peft_config)
+        fields["base_model_name_or_path"] = None
+        peft_config.write_text(json.dumps(fields, indent=2) + "\n")
     return directory
 
 
@@ -305,8 +311,10 @@ class LoraGate:
         self.switch(False)
 
     def switch(self, on: bool) -> None:
+        # Only the flag peft's forward reads: its enable_adapters also sets requires_grad,
+        # which would freeze the LoRA while it is being trained (it is off between steps).
         for layer in self.layers:
-            layer.enable_adapters(on)
+            layer._disable_adapters = not on
 
     @contextlib.contextmanager
     def on(self):

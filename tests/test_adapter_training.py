@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from casa_cli.adapter import init_adapter, load_adapter, save_adapter
 from casa_cli.backbone import load_backbone
@@ -91,6 +92,13 @@ def test_train_cli_head_and_lora_modes(tiny_model, tmp_path, casa):
         config = json.loads((out / "casa_config.json").read_text())
         assert config["trained"] and config["mode"] == mode
         assert (out / "lora" / "adapter_model.safetensors").is_file() == (mode == "lora")
+        if mode == "lora":
+            # peft starts every B at zero: a LoRA that was never trained saves zeros there
+            with safe_open(str(out / "lora" / "adapter_model.safetensors"), "pt") as lora:
+                b = [lora.get_tensor(k) for k in lora.keys() if "lora_B" in k]
+            assert b and all(t.abs().sum() > 0 for t in b)
+            peft_config = json.loads((out / "lora" / "adapter_config.json").read_text())
+            assert peft_config["base_model_name_or_path"] is None  # no path of this machine
         classified = casa("classify", "violin music", "--model", tiny_model("llama"), "--adapter", out, "--json")
         assert classified.code == 0, classified.stderr
         assert "untrained" not in classified.stderr
@@ -160,6 +168,8 @@ def test_lora_training_scores_refusals_as_decoding_writes_them(tiny_model, famil
     backbone = casa_model.backbone
     decoder_lora(backbone.model, r=4, alpha=8)
     gate = LoraGate(backbone.model)
+    lora = [p for name, p in backbone.model.named_parameters() if "lora_" in name]
+    assert lora and all(p.requires_grad for p in lora)  # switching the gate off must not freeze it
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in backbone.model.named_parameters():
