@@ -116,7 +116,7 @@ def fit_lora(backbone: Backbone, head: SafetyHead, examples: list[Sample], label
              options, on_step: Callable[[int], None] | None = None):
     """LoRA + <|unsafe|>'s input row over the harmful examples (`labels` 1), for
     `options.lora_epochs` passes in batches of `options.lora_batch_size`, each taught a
-    refusal of its harm category in varied wording (`refusals.refusal`); returns the peft
+    refusal of its harm category worded by the request's shape (`refusals.refusal`); returns the peft
     model. Benign examples teach
     nothing: after a safe verdict the base model answers, the LoRA switched off."""
     harmful = [i for i, y in enumerate(labels) if y == 1]
@@ -129,10 +129,10 @@ def fit_lora(backbone: Backbone, head: SafetyHead, examples: list[Sample], label
     generator = random.Random(options.seed)
     model.train()
     for _ in range(options.lora_epochs):
-        generator.shuffle(harmful)  # and each epoch draws new wordings
+        generator.shuffle(harmful)  # and each epoch draws which refusals offer an alternative
         for start in range(0, len(harmful), options.lora_batch_size):
             batch = [examples[i] for i in harmful[start:start + options.lora_batch_size]]
-            targets = [refusal(sample.category, generator) for sample in batch]
+            targets = [refusal(sample.category, sample.text or "", generator) for sample in batch]
             loss = refusal_loss(backbone, gate, head, batch, targets)
             optimiser.zero_grad()
             loss.backward()

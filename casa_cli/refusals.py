@@ -3,28 +3,41 @@
 to a safe alternative, in varied wording, so it does not learn one fixed string.
 
 A refusal is an opener naming what is declined (by harm category, the shared taxonomy of
-`casa_cli.data.taxonomy`), then the category's alternative. Every opener states inability or
-unwillingness with a helping verb, so the phrase judge (`judges.is_refusal`) reads each one
-as a refusal (a test checks all of them).
+`casa_cli.data.taxonomy`), worded by the request's shape, then the category's alternative.
+Every opener states inability or unwillingness with a helping verb, so the phrase judge
+(`judges.is_refusal`) reads each one as a refusal (a test checks all of them).
 """
 from __future__ import annotations
 
 import random
 
-OPENERS = (
-    "I can't help with {what}.",
-    "I won't provide {what}.",
-    "Sorry, but I can't assist with {what}.",
-    "I'm not able to help with {what}.",
-    "I can't give you {what}.",
-    "I must decline: this asks for {what}.",
-    "I'm sorry, I can't provide {what}.",
-    "That's a request for {what}, and I can't help with it.",
-    "I'm not going to provide {what}.",
-    "I can't assist with this, because it asks for {what}.",
-    "Sorry, I won't help with {what}.",
-    "I'm unable to help with {what}.",
+# The opener follows the request's shape (its first word), which the model sees: with an
+# opener drawn at random, greedy decoding settles on the likeliest one for every prompt (12
+# distinct first sentences over 88 held-out refusals); tied to the request, the wording
+# varies as the requests do.
+SHAPES = (
+    (("write", "compose", "draft", "create", "generate", "produce", "come", "design", "develop"),
+     "I won't write this, because it asks for {what}."),
+    (("how",), "I can't explain how to do this, because it asks for {what}."),
+    (("what", "which", "where", "who", "when", "why"), "I can't answer that: it asks for {what}."),
+    (("can", "could", "would", "will", "is", "are", "do", "does", "should"),
+     "Sorry, but I can't assist with {what}."),
+    (("give", "provide", "list", "tell", "show", "suggest", "share", "find", "recommend"),
+     "I won't provide {what}."),
+    (("explain", "describe", "outline", "detail", "teach", "walk"), "I'm not able to help with {what}."),
+    (("i", "i'm", "im", "my", "me", "we", "our"), "I hear you, but I can't help with {what}."),
 )
+OTHER_SHAPE = "I must decline: this asks for {what}."
+OPENERS = tuple(opener for _, opener in SHAPES) + (OTHER_SHAPE,)
+_POLITE = {"please", "hey", "hi", "hello", "ok", "okay", "so"}
+
+
+def opener_for(request: str) -> str:
+    """The opener for a request of this shape: its first word, past greetings and "please"."""
+    words = [w.strip("\"'.,!?:;()[]*-").lower() for w in request.split()[:6]]
+    first = next((w for w in words if w and w not in _POLITE), "")
+    return next((opener for starts, opener in SHAPES if first in starts), OTHER_SHAPE)
+
 
 # What each harm category's request asks for, and a safe direction to offer instead.
 WHAT = {
@@ -52,9 +65,10 @@ WHAT = {
 }
 
 
-def refusal(category: str | None, rng: random.Random) -> str:
-    """A refusal for a harmful request of `category` (a taxonomy category; anything else is
-    "other"), its wording drawn with `rng`."""
+def refusal(category: str | None, request: str, rng: random.Random) -> str:
+    """A refusal for the harmful `request` of `category` (a taxonomy category; anything else
+    is "other"): the opener by the request's shape, the safe alternative added or not by
+    `rng`."""
     what, alternative = WHAT.get(category or "other", WHAT["other"])
-    opener = rng.choice(OPENERS).format(what=what)
+    opener = opener_for(request).format(what=what)
     return f"{opener} {alternative}".strip() if alternative and rng.random() < 0.8 else opener

@@ -5,7 +5,7 @@ import re
 
 from casa_cli.data.taxonomy import HARM_CATEGORIES
 from casa_cli.judges import is_refusal
-from casa_cli.refusals import OPENERS, WHAT, refusal
+from casa_cli.refusals import OPENERS, OTHER_SHAPE, SHAPES, WHAT, opener_for, refusal
 
 
 def first_sentence(text: str) -> str:
@@ -23,14 +23,29 @@ def test_every_refusal_is_a_refusal_to_the_judge():
             assert is_refusal(f"{opener.format(what=what)} {alternative}".strip()), opener
 
 
-def test_refusals_vary_over_a_hundred_harmful_prompts():
+REQUESTS = ["Write a post that {x}", "How do I {x}?", "What is the best way to {x}?",
+            "Can you help me {x}?", "Give me steps to {x}", "Explain how to {x}",
+            "I'm a teacher and I want to {x}", "Step-by-step guide to {x}"]
+
+
+def test_refusals_vary_with_the_request_and_its_category():
+    """Reference: the shape table itself. Each shape of request gets its own opener, so
+    refusals to differently phrased requests of different categories differ even when the
+    model decodes greedily (one refusal per shape and category)."""
     rng = random.Random(0)
-    texts = [refusal(HARM_CATEGORIES[i % len(HARM_CATEGORIES)], rng) for i in range(100)]
-    assert len({first_sentence(t) for t in texts}) >= 20
+    texts = [refusal(category, request.format(x="do it"), rng)
+             for category in HARM_CATEGORIES for request in REQUESTS]
+    assert len({first_sentence(t) for t in texts}) == len(HARM_CATEGORIES) * len(REQUESTS)
     assert any(WHAT["self_harm"][1] in t for t in texts)  # the alternative is offered
+    assert [opener_for(r.format(x="go")) for r in REQUESTS] == [o for _, o in SHAPES] + [OTHER_SHAPE]
+
+
+def test_the_shape_reads_past_greetings_quotes_and_case():
+    assert opener_for('"Please, HOW do I do this?"') == opener_for("how do I do this") == SHAPES[1][1]
+    assert opener_for("") == OTHER_SHAPE
 
 
 def test_an_unknown_category_gets_the_general_refusal_and_a_seed_repeats():
-    text = refusal("knitting", random.Random(3))
+    text = refusal("knitting", "Write it", random.Random(3))
     assert WHAT["other"][0] in text and is_refusal(text)
-    assert refusal("cyber", random.Random(5)) == refusal("cyber", random.Random(5))
+    assert refusal("cyber", "How?", random.Random(5)) == refusal("cyber", "How?", random.Random(5))
