@@ -5,8 +5,15 @@
 The unit tests (tests/test_kernel_safety_attention.py) cover every dispatch path at small
 sizes; this script runs the compiled kernels on the shapes the model produces, with the plan
 the launcher picks by itself, against the float64 reference on the same H (the helpers are the
-tests' own). Exit status 0 when every case is within tolerance. Tolerances are looser than the
-tests' because the sums run over up to 32k tokens and 8192 features.
+tests' own). Each head case runs first as `bench_safety_attention.py` times it (no attention
+weights, no gradients: the plain forward), then asking for the weights. Exit status 0 when
+every case is within tolerance.
+
+Forward tolerances are the tests' (bf16 3e-4 on |err| / (1 + |ref|)): the kernel accumulates
+in fp32 from a hi/lo bf16 split of Q and V, so its error stays near fp32 rounding even over
+32k tokens and 8192 features, while a kernel that lost the low half drifts by 2-6e-3 at
+T = 512-4096 (issue 15), which 3e-4 catches. Gradients sum over every token and feature in
+bf16-rounded products, so they get 5x that.
 """
 from __future__ import annotations
 
@@ -16,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-TOL = {torch.float32: 1e-4, torch.float16: 1e-4, torch.bfloat16: 2e-3}
+TOL = {torch.float32: 1e-4, torch.float16: 1e-4, torch.bfloat16: 3e-4}
+FIELDS = ("z", "l_safe", "l_unsafe", "p_unsafe")
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 # (B, T, d, K, dtype, gate, lengths, left padding)
@@ -56,14 +64,15 @@ def main() -> int:
         print(f"head B={B} T={T} d={d} K={K} {str(dtype)[6:]} gate={gate} "
               f"{'left' if left else 'right'} padding")
         H, mask, p = make_inputs(B, T, d, K, dtype, lengths, left, seed=T + d)
-        start = time.perf_counter()
-        out = safety_head(H, mask, p["Q"], p["V"], p["b"], p["token_out"], gate,
-                          return_weights=True)
-        torch.cuda.synchronize()
-        print(f"  first call (compiles) {time.perf_counter() - start:.1f} s")
         ref = reference(H, mask, p, gate, return_weights=True)
-        for field in ("z", "l_safe", "l_unsafe", "p_unsafe", "weights"):
-            check(field, getattr(out, field), getattr(ref, field), TOL[dtype])
+        args = (H, mask, p["Q"], p["V"], p["b"], p["token_out"], gate)
+        for asked in ("forward", "weights"):
+            start = time.perf_counter()
+            out = safety_head(*args, return_weights=asked == "weights")
+            torch.cuda.synchronize()
+            print(f"  {asked}: first call (compiles) {time.perf_counter() - start:.1f} s")
+            for field in FIELDS + (("weights",) if asked == "weights" else ()):
+                check(field, getattr(out, field), getattr(ref, field), TOL[dtype])
         del H, mask, out, ref
 
     print("packed lengths [1, 5000, 32768, 77], d=4096 bf16")

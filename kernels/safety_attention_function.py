@@ -79,17 +79,21 @@ def plan_launch(rows: int, max_len: int, d: int, dtype: torch.dtype, device: tor
     A long single sequence is cut into many chunks; a large batch keeps one program per row
     (the single-launch path, no combine step). Short sequences use 16-token tiles so that they
     can still be spread over enough programs. The tile sizes are the ones that compile for
-    sm_90 without register spills (4 warps, 3 stages): 64 features of 16-bit H per d step, 32
-    of float32 H (tf32x3 needs three times the registers).
+    sm_90 without register spills (3 stages; benchmarks/kernel_sass_report.py): 128 features
+    of 16-bit H per d step, 32 of float32 H (tf32x3 needs three times the registers). A
+    16-token tile runs on one warp: four would share one 16-row tile and each issue the same
+    loop (0.93 SASS instructions per byte of H on four warps before the one-dot forward, 0.066
+    on one after); the bytes in flight per program are the tile's either way.
     """
     want = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), rows)  # programs wanted per row
-    block_d = _check_block("block_d", tuning.block_d or (32 if dtype == torch.float32 else 64))
+    block_d = _check_block("block_d", tuning.block_d or (32 if dtype == torch.float32 else 128))
     block_t = tuning.block_t or (64 if triton.cdiv(max_len, 64) >= want else 16)
     _check_block("block_t", block_t)
     tiles = triton.cdiv(max_len, block_t)
     splits = min(max(tuning.splits or want, 1), tiles)
     chunk = triton.cdiv(tiles, splits) * block_t
-    return LaunchPlan(block_t, block_d, triton.cdiv(max_len, chunk), chunk)
+    return LaunchPlan(block_t, block_d, triton.cdiv(max_len, chunk), chunk,
+                      num_warps=1 if block_t == 16 else 4)
 
 
 class _Forward(NamedTuple):
@@ -165,6 +169,33 @@ def _layout(H: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor
     return _Layout(B, T, T, B * T, H.stride(0), H.stride(1))
 
 
+def forward_halves(dtype: torch.dtype) -> int:
+    """Columns of QV per head and weight: hi and lo halves for 16-bit H, one for float32."""
+    return 1 if dtype == torch.float32 else 2
+
+
+def forward_block_k(K: int, dtype: torch.dtype) -> int:
+    """Heads per forward tile: the fewest (a power of two) holding K whose QV operand, 2
+    forward_halves columns a head, is at least one tensor-core tile wide (16)."""
+    return max(8 // forward_halves(dtype), triton.next_power_of_2(K))
+
+
+def forward_operand(Q: torch.Tensor, V: torch.Tensor, dtype: torch.dtype,
+                    block_k: int) -> torch.Tensor:
+    """The forward kernel's one operand QV (d, 2 halves block_k) in H's dtype: column
+    (2k + i) halves + j is head k's q (i = 0) or v (i = 1), its hi (j = 0) or lo (j = 1)
+    half, so one dot of an H tile against QV gives scores and values to about 16 mantissa
+    bits (float32 H: one column each, tf32x3 splits it). Built on the device, no host sync."""
+    K, d = Q.shape
+    columns = []
+    for weights in (Q.detach().float(), V.detach().float()):
+        hi = weights.to(dtype)
+        columns += [hi] if dtype == torch.float32 else [hi, (weights - hi.float()).to(dtype)]
+    QV = torch.zeros(block_k, d, len(columns), dtype=dtype, device=Q.device)
+    QV[:K] = torch.stack(columns, dim=-1)
+    return QV.permute(1, 0, 2).reshape(d, len(columns) * block_k)
+
+
 def _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights: bool,
              return_state: bool, keep_for_backward: bool, tuning: Tuning,
              max_seqlen: int | None = None) -> _Forward:
@@ -211,14 +242,17 @@ def _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights: bool
     sv = (scores, values) if store_sv else (unused, unused)
     state_out = unused if state is None else state
     cu = cu_seqlens if cu_seqlens is not None else unused
-    flags = dict(K=K, BLOCK_K=BLOCK_K, BLOCK_T=plan.block_t, BLOCK_D=plan.block_d,
+    block_k = forward_block_k(K, H.dtype)
+    flags = dict(K=K, BLOCK_K=block_k, BLOCK_T=plan.block_t, BLOCK_D=plan.block_d,
                  PACKED=cu_seqlens is not None, GATE=GATE_CODES[gate],
                  WRITE_WEIGHTS=return_weights, WRITE_STATE=return_state)
     safety_fwd_kernel[(lay.rows, plan.splits)](
         H, lay.stride_hb, lay.stride_ht, mask_u8, mask_u8.stride(0) if mask is not None else 0,
-        cu, Q, V, b, tok, *sv, pm, pl, pa, plast, *outs, state_out,
+        cu, forward_operand(Q, V, H.dtype, block_k), b, tok, *sv, pm, pl, pa, plast, *outs,
+        state_out,
         lay.T, d, plan.chunk, math.log2(math.e) / math.sqrt(d),
-        HAS_MASK=mask is not None, STORE_SV=store_sv, SINGLE=single, **flags,
+        HAS_MASK=mask is not None, STORE_SV=store_sv, SINGLE=single,
+        HALVES=forward_halves(H.dtype), **flags,
         num_warps=plan.num_warps, num_stages=plan.num_stages)
     if not single:
         safety_combine_kernel[(lay.rows,)](

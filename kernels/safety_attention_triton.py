@@ -18,7 +18,11 @@ Numerics: everything accumulates in float32. Scores are kept in log2 units (the 
 is multiplied by log2(e)) so the kernels can use exp2. The dot products run on tensor cores
 (`tl.dot`): a 16-bit operand is used exactly as stored and the float32 operand (Q, V, or the
 backward coefficients) is split into two 16-bit halves, hi + lo, so it keeps about 16 bits of
-mantissa; float32 H uses tf32x3, the same idea done by the compiler.
+mantissa; float32 H uses tf32x3, the same idea done by the compiler. In the forward the
+launcher does the split once per call: Q and V become one operand QV (d, 4 BLOCK_K) in H's
+dtype, columns [q_hi, q_lo, v_hi, v_lo] per head (float32 H: [q, v], 2 BLOCK_K, as tf32x3
+splits them itself), so each d step is one load of H, one load of QV and ONE dot, and the
+halves are summed once per token tile (`_scores_and_values`).
 
 No host synchronisation: nothing about the data is checked on the host. A row with no valid
 token (all padding, or a packed row whose offsets are malformed) is finished with NaN in z,
@@ -55,6 +59,16 @@ def _dot_keep_fp32(x, w, acc):
 
 
 @triton.jit
+def _scores_and_values(acc, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                       HALVES: tl.constexpr):
+    """(H.Q, H.V), each (BLOCK_T, BLOCK_K), from the one dot against QV: column
+    (2k + i) HALVES + j holds head k's q (i = 0) or v (i = 1), its hi (j = 0) or lo (j = 1)
+    half (HALVES = 2; float32 H has one, HALVES = 1)."""
+    halves = tl.reshape(acc, (BLOCK_T, BLOCK_K, 2, HALVES))
+    return tl.split(tl.sum(halves, axis=3))
+
+
+@triton.jit
 def _row_span(row, CU, T, PACKED: tl.constexpr):
     """(first token of the row in H, number of token slots, first slot in per-token buffers).
 
@@ -81,10 +95,12 @@ def _row_span(row, CU, T, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _attend_chunk(H_row, stride_ht, MASK_row, Q, V, S_row, VAL_row, d, t_begin, t_end,
-                  qk_scale, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, STORE_SV: tl.constexpr):
-    """Online softmax over tokens [t_begin, t_end) of one row.
+def _attend_chunk(H_row, stride_ht, MASK_row, QV, S_row, VAL_row, d, t_begin, t_end,
+                  qk_scale, K: tl.constexpr, BLOCK_K: tl.constexpr, HALVES: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
+                  STORE_SV: tl.constexpr):
+    """Online softmax over tokens [t_begin, t_end) of one row; QV is the launcher's (d,
+    2 HALVES BLOCK_K) operand of Q and V (see the module notes).
 
     Returns per head: the running max m (log2 units), the sum of exp2(s - m), the sum of
     exp2(s - m) * value, and the last valid position seen (-1 if none).
@@ -92,6 +108,7 @@ def _attend_chunk(H_row, stride_ht, MASK_row, Q, V, S_row, VAL_row, d, t_begin, 
     offs_k = tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
     offs_tt = tl.arange(0, BLOCK_T)
+    offs_n = tl.arange(0, 2 * HALVES * BLOCK_K)
     m_i = tl.full([BLOCK_K], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_K], tl.float32)
     a_i = tl.zeros([BLOCK_K], tl.float32)
@@ -103,20 +120,20 @@ def _attend_chunk(H_row, stride_ht, MASK_row, Q, V, S_row, VAL_row, d, t_begin, 
         if HAS_MASK:
             valid = valid & (tl.load(MASK_row + offs_t, mask=in_chunk, other=0) != 0)
         h_tile = H_row + offs_t.to(tl.int64)[:, None] * stride_ht  # 64-bit: T * d may pass 2^31
-        s = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
-        v = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
+        acc = tl.zeros([BLOCK_T, 2 * HALVES * BLOCK_K], tl.float32)
         for d0 in range(0, d, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_ok = offs_d < d
             # Padding tokens are never read: a masked-off lane issues no memory traffic, and
             # whatever the padding holds (even NaN) cannot leak into the sums.
             h = tl.load(h_tile + offs_d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
-            w_ok = d_ok[:, None] & k_ok[None, :]
-            w_off = offs_k[None, :] * d + offs_d[:, None]
-            q = tl.load(Q + w_off, mask=w_ok, other=0.0).to(tl.float32)
-            vv = tl.load(V + w_off, mask=w_ok, other=0.0).to(tl.float32)
-            s = _dot_keep_fp32(h, q, s)
-            v = _dot_keep_fp32(h, vv, v)
+            w = tl.load(QV + offs_d[:, None] * (2 * HALVES * BLOCK_K) + offs_n[None, :],
+                        mask=d_ok[:, None], other=0.0)
+            if h.dtype == tl.float32:
+                acc = tl.dot(h, w, acc, input_precision="tf32x3")
+            else:
+                acc = tl.dot(h, w, acc)
+        s, v = _scores_and_values(acc, BLOCK_T, BLOCK_K, HALVES)
         s = tl.where(valid[:, None], s * qk_scale, float("-inf"))
         if STORE_SV:
             sv_off = offs_t[:, None] * K + offs_k[None, :]
@@ -204,13 +221,14 @@ def _finish_row(row, m, l, a, last, Bias, H_row, stride_ht, TOK, S_row, W_row, l
 
 
 @triton.jit
-def safety_fwd_kernel(H, stride_hb, stride_ht, MASK, stride_mb, CU, Q, V, Bias, TOK,
+def safety_fwd_kernel(H, stride_hb, stride_ht, MASK, stride_mb, CU, QV, Bias, TOK,
                       S, VAL, PM, PL, PA, PLAST, Z, R, LSE, LS, LU, P, W, STATE,
                       T, d, chunk, qk_scale,
-                      K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
-                      STORE_SV: tl.constexpr, SINGLE: tl.constexpr, GATE: tl.constexpr,
-                      WRITE_WEIGHTS: tl.constexpr, WRITE_STATE: tl.constexpr):
+                      K: tl.constexpr, BLOCK_K: tl.constexpr, HALVES: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
+                      PACKED: tl.constexpr, STORE_SV: tl.constexpr, SINGLE: tl.constexpr,
+                      GATE: tl.constexpr, WRITE_WEIGHTS: tl.constexpr,
+                      WRITE_STATE: tl.constexpr):
     """Grid (rows, splits): program (row, split) streams tokens [split*chunk, +chunk) of row.
 
     T: tokens per row (padded), or the total tokens of H (packed). Packed, the last split also
@@ -226,9 +244,9 @@ def safety_fwd_kernel(H, stride_hb, stride_ht, MASK, stride_mb, CU, Q, V, Bias, 
     t_end = tl.minimum(t_begin + chunk, length)
     if PACKED:
         t_end = tl.where(split == tl.num_programs(1) - 1, length, t_end)
-    m, l, a, last = _attend_chunk(H_row, stride_ht, MASK + row.to(tl.int64) * stride_mb, Q, V,
+    m, l, a, last = _attend_chunk(H_row, stride_ht, MASK + row.to(tl.int64) * stride_mb, QV,
                                   S_row, VAL + slot0 * K, d, t_begin, t_end, qk_scale,
-                                  K, BLOCK_K, BLOCK_T, BLOCK_D, HAS_MASK, STORE_SV)
+                                  K, BLOCK_K, HALVES, BLOCK_T, BLOCK_D, HAS_MASK, STORE_SV)
     if SINGLE:
         if WRITE_WEIGHTS:
             tl.debug_barrier()  # the scores this program stored are read back by other threads
