@@ -82,7 +82,7 @@ def plan_launch(rows: int, max_len: int, d: int, dtype: torch.dtype, device: tor
     sm_90 without register spills (3 stages; benchmarks/kernel_sass_report.py): 128 features
     of 16-bit H per d step, 32 of float32 H (tf32x3 needs three times the registers). A
     16-token tile runs on one warp: four would share one 16-row tile and each issue the same
-    loop (0.93 SASS instructions per byte of H on four warps before the one-dot forward, 0.066
+    loop (0.93 SASS instructions per byte of H on four warps before the one-dot forward, 0.055
     on one after); the bytes in flight per program are the tile's either way.
     """
     want = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), rows)  # programs wanted per row
@@ -252,7 +252,7 @@ def _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights: bool
         state_out,
         lay.T, d, plan.chunk, math.log2(math.e) / math.sqrt(d),
         HAS_MASK=mask is not None, STORE_SV=store_sv, SINGLE=single,
-        HALVES=forward_halves(H.dtype), **flags,
+        HALVES=forward_halves(H.dtype), EVEN_D=d % plan.block_d == 0, **flags,
         num_warps=plan.num_warps, num_stages=plan.num_stages)
     if not single:
         safety_combine_kernel[(lay.rows,)](

@@ -97,8 +97,8 @@ def _row_span(row, CU, T, PACKED: tl.constexpr):
 @triton.jit
 def _attend_chunk(H_row, stride_ht, MASK_row, QV, S_row, VAL_row, d, t_begin, t_end,
                   qk_scale, K: tl.constexpr, BLOCK_K: tl.constexpr, HALVES: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
-                  STORE_SV: tl.constexpr):
+                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                  HAS_MASK: tl.constexpr, STORE_SV: tl.constexpr):
     """Online softmax over tokens [t_begin, t_end) of one row; QV is the launcher's (d,
     2 HALVES BLOCK_K) operand of Q and V (see the module notes).
 
@@ -109,6 +109,7 @@ def _attend_chunk(H_row, stride_ht, MASK_row, QV, S_row, VAL_row, d, t_begin, t_
     k_ok = offs_k < K
     offs_tt = tl.arange(0, BLOCK_T)
     offs_n = tl.arange(0, 2 * HALVES * BLOCK_K)
+    offs_dd = tl.arange(0, BLOCK_D)
     m_i = tl.full([BLOCK_K], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_K], tl.float32)
     a_i = tl.zeros([BLOCK_K], tl.float32)
@@ -119,20 +120,27 @@ def _attend_chunk(H_row, stride_ht, MASK_row, QV, S_row, VAL_row, d, t_begin, t_
         valid = in_chunk
         if HAS_MASK:
             valid = valid & (tl.load(MASK_row + offs_t, mask=in_chunk, other=0) != 0)
-        h_tile = H_row + offs_t.to(tl.int64)[:, None] * stride_ht  # 64-bit: T * d may pass 2^31
+        # Pointers are advanced along d, not recomputed: the loop's integer work is most of
+        # its instructions. 64-bit offsets: T * d may pass 2^31.
+        h_ptrs = H_row + offs_t.to(tl.int64)[:, None] * stride_ht + offs_dd[None, :]
+        w_ptrs = QV + offs_dd[:, None] * (2 * HALVES * BLOCK_K) + offs_n[None, :]
         acc = tl.zeros([BLOCK_T, 2 * HALVES * BLOCK_K], tl.float32)
         for d0 in range(0, d, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = offs_d < d
             # Padding tokens are never read: a masked-off lane issues no memory traffic, and
             # whatever the padding holds (even NaN) cannot leak into the sums.
-            h = tl.load(h_tile + offs_d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
-            w = tl.load(QV + offs_d[:, None] * (2 * HALVES * BLOCK_K) + offs_n[None, :],
-                        mask=d_ok[:, None], other=0.0)
+            if EVEN_D:  # no d tail: only the token mask, fixed for the whole tile
+                h = tl.load(h_ptrs, mask=valid[:, None], other=0.0)
+                w = tl.load(w_ptrs)
+            else:
+                d_ok = offs_dd < d - d0
+                h = tl.load(h_ptrs, mask=valid[:, None] & d_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=d_ok[:, None], other=0.0)
             if h.dtype == tl.float32:
                 acc = tl.dot(h, w, acc, input_precision="tf32x3")
             else:
                 acc = tl.dot(h, w, acc)
+            h_ptrs += BLOCK_D
+            w_ptrs += BLOCK_D * 2 * HALVES * BLOCK_K
         s, v = _scores_and_values(acc, BLOCK_T, BLOCK_K, HALVES)
         s = tl.where(valid[:, None], s * qk_scale, float("-inf"))
         if STORE_SV:
@@ -225,7 +233,8 @@ def safety_fwd_kernel(H, stride_hb, stride_ht, MASK, stride_mb, CU, QV, Bias, TO
                       S, VAL, PM, PL, PA, PLAST, Z, R, LSE, LS, LU, P, W, STATE,
                       T, d, chunk, qk_scale,
                       K: tl.constexpr, BLOCK_K: tl.constexpr, HALVES: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
+                      EVEN_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                      HAS_MASK: tl.constexpr,
                       PACKED: tl.constexpr, STORE_SV: tl.constexpr, SINGLE: tl.constexpr,
                       GATE: tl.constexpr, WRITE_WEIGHTS: tl.constexpr,
                       WRITE_STATE: tl.constexpr):
@@ -246,7 +255,8 @@ def safety_fwd_kernel(H, stride_hb, stride_ht, MASK, stride_mb, CU, QV, Bias, TO
         t_end = tl.where(split == tl.num_programs(1) - 1, length, t_end)
     m, l, a, last = _attend_chunk(H_row, stride_ht, MASK + row.to(tl.int64) * stride_mb, QV,
                                   S_row, VAL + slot0 * K, d, t_begin, t_end, qk_scale,
-                                  K, BLOCK_K, HALVES, BLOCK_T, BLOCK_D, HAS_MASK, STORE_SV)
+                                  K, BLOCK_K, HALVES, BLOCK_T, BLOCK_D, EVEN_D, HAS_MASK,
+                                  STORE_SV)
     if SINGLE:
         if WRITE_WEIGHTS:
             tl.debug_barrier()  # the scores this program stored are read back by other threads

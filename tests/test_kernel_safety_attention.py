@@ -100,9 +100,10 @@ def assert_close(actual, expected, tol):
 
 # (B, T, d, K, dtype, gate, lengths, left padding, launch overrides): chosen to reach every
 # dispatch path -- single launch (one program per row) and split + combine, with token-tile
-# and d-tile tails -- and every dtype with both gates, T in {1, 7, 128, 1000, 4099},
-# d in {64, 576, 1000}, K in {1, 4, 5, 8, 16} (the forward's head tiles of 4, 8 and 16: its
-# one Q/V operand is 16, 32 or 64 columns wide for 16-bit H, 16 or 32 for float32).
+# and d-tile tails (and d a multiple of the d tile: EVEN_D) -- and every dtype with both
+# gates, T in {1, 7, 128, 1000, 4099}, d in {64, 256, 576, 1000}, K in {1, 4, 5, 8, 16}
+# (the forward's head tiles of 4, 8 and 16: its one Q/V operand is 16, 32 or 64 columns
+# wide for 16-bit H, 16 or 32 for float32).
 HEAD_CASES = [
     pytest.param(1, 1, 64, 1, FP32, "log", None, False, {}, id="T1-single-fp32"),
     pytest.param(4, 1, 1000, 8, BF16, "multiply", None, False, {}, id="T1-batch-dtail-bf16"),
@@ -117,7 +118,7 @@ HEAD_CASES = [
     pytest.param(2, 1000, 576, 1, FP32, "log", [999, 1000], True, dict(splits=1),
                  id="T1000-single-fp32"),
     pytest.param(1, 4099, 1000, 4, BF16, "multiply", None, False, {}, id="T4099-auto-bf16"),
-    pytest.param(2, 45, 576, 5, BF16, "log", [45, 20], True, {}, id="K5-left-bf16"),
+    pytest.param(2, 45, 256, 5, BF16, "log", [45, 20], True, {}, id="K5-left-even-d-bf16"),
     pytest.param(2, 70, 64, 16, FP16, "multiply", [70, 33], False, dict(block_t=16, splits=2),
                  id="K16-split-fp16"),
     pytest.param(1, 33, 64, 16, FP32, "log", None, False, {}, id="K16-single-fp32"),
