@@ -12,7 +12,11 @@ on H (B, T, d) with a bool mask, K = 4 heads:
            vectors, keys = values = H), then r_j = out_j . V_j and the same epilogue
 Times are medians of triton.testing.do_bench, which clears the L2 cache before every call.
 GB/s = bytes(H) / time; % of peak is against a device-to-device copy measured in the same run
-(bytes read + written). Rows are appended to benchmarks/results/safety_attention_<device>.csv.
+(bytes read + written). For H up to GRAPH_MAX_MB the triton row also gives `graph_us`: the
+call captured in a CUDA graph and replayed (triton.testing.do_bench_cudagraph), so launch
+overhead is gone and H stays in L2 between replays: the latency a decode loop that captures
+the safety step would see. Each row records the torch and Triton versions. Rows are appended
+to benchmarks/results/safety_attention_<device>.csv.
 """
 from __future__ import annotations
 
@@ -34,8 +38,10 @@ FULL = dict(T=(512, 2048, 8192, 32768), d=(576, 2048, 4096, 8192), batch=(1, 8, 
 QUICK = [(1, 512, 4096), (1, 8192, 4096), (1, 32768, 4096), (8, 2048, 576), (4, 8192, 8192),
          (32, 2048, 4096)]
 HEADS = 4
+GRAPH_MAX_MB = 64
 COLUMNS = ["date", "device", "impl", "dtype", "batch", "T", "d", "K", "H_MB", "time_us",
-           "GB_s", "pct_copy", "copy_GB_s", "speedup_vs_eager", "plan"]
+           "GB_s", "pct_copy", "copy_GB_s", "speedup_vs_eager", "speedup_vs_compile", "graph_us",
+           "plan", "torch", "triton"]
 
 
 def copy_bandwidth_gbps(do_bench) -> float:
@@ -59,6 +65,11 @@ def sdpa_head(H, mask, Q, V, b, token_out, gate):
     return torch.softmax(gated_logits(l_safe, l_unsafe, z, gate), dim=-1)[..., 1]
 
 
+def speedup(base_us: dict, base: str, impl: str, us: float):
+    """base's time over this one, for the row of another implementation ('' otherwise)."""
+    return round(base_us[base] / us, 2) if base in base_us and impl != base else ""
+
+
 def device_file(name: str) -> Path:
     return RESULTS / f"safety_attention_{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}.csv"
 
@@ -68,7 +79,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="only the target shapes, bf16")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma list of bf16,fp16,fp32")
     parser.add_argument("--impls", default="eager,compile,sdpa,triton",
-                        help="comma list; eager first gives the speedup column its base")
+                        help="comma list; eager and compile before triton give the speedup "
+                             "columns their bases")
     parser.add_argument("--max-gb", type=float, default=4.0,
                         help="skip shapes whose H is larger than this many GB")
     args = parser.parse_args()
@@ -77,7 +89,8 @@ def main() -> int:
               "has nothing to measure on a CPU-only machine.", file=sys.stderr)
         return 2
 
-    from triton.testing import do_bench
+    import triton
+    from triton.testing import do_bench, do_bench_cudagraph
 
     from casa_cli.head import safety_head_reference
     from casa_cli.kernels import plan_launch, safety_head
@@ -104,7 +117,7 @@ def main() -> int:
         if new_file:
             writer.writeheader()
         print(f"{'impl':8} {'dtype':5} {'B':>3} {'T':>6} {'d':>5} {'MB':>7} {'us':>9} "
-              f"{'GB/s':>7} {'%copy':>6} {'xeager':>7}")
+              f"{'GB/s':>7} {'%copy':>6} {'xeager':>7} {'xcompile':>8} {'graph_us':>8}")
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             for B, T, d in shapes:
@@ -120,7 +133,7 @@ def main() -> int:
                 token_out = torch.randn(2, d, device="cuda", generator=g) / math.sqrt(d)
                 inputs = (H, mask, Q, V, b, token_out, "log")
                 plan = plan_launch(B, T, d, dtype, H.device)
-                eager_us = None
+                base_us = {}
                 for impl in impls:
                     try:
                         us = 1e3 * do_bench(lambda: runners[impl](*inputs), return_mode="median")
@@ -128,21 +141,33 @@ def main() -> int:
                         print(f"{impl:8} {dtype_name:5} {B:>3} {T:>6} {d:>5}: out of memory")
                         torch.cuda.empty_cache()
                         continue
-                    eager_us = us if impl == "eager" else eager_us
+                    base_us[impl] = us
+                    graph_us = ""
+                    if impl == "triton" and nbytes <= GRAPH_MAX_MB * 1e6:
+                        try:
+                            graph_us = round(1e3 * do_bench_cudagraph(
+                                lambda: runners[impl](*inputs), return_mode="median"), 2)
+                        except RuntimeError as err:  # a host sync would break the capture
+                            print(f"  CUDA graph capture failed: {err}")
+                            graph_us = "capture failed"
                     gbps = nbytes / (us * 1e-6) / 1e9
                     row = dict(date=time.strftime("%Y-%m-%dT%H:%M:%S"), device=device, impl=impl,
                                dtype=dtype_name, batch=B, T=T, d=d, K=HEADS,
                                H_MB=round(nbytes / 1e6, 2), time_us=round(us, 2),
                                GB_s=round(gbps, 1), pct_copy=round(100 * gbps / copy_gbps, 1),
                                copy_GB_s=round(copy_gbps, 1),
-                               speedup_vs_eager=round(eager_us / us, 2) if eager_us else "",
+                               speedup_vs_eager=speedup(base_us, "eager", impl, us),
+                               speedup_vs_compile=speedup(base_us, "compile", impl, us),
+                               graph_us=graph_us,
                                plan=(f"bt{plan.block_t}/bd{plan.block_d}/splits{plan.splits}"
-                                     if impl == "triton" else ""))
+                                     f"/warps{plan.num_warps}" if impl == "triton" else ""),
+                               torch=torch.__version__, triton=triton.__version__)
                     writer.writerow(row)
                     f.flush()
                     print(f"{impl:8} {dtype_name:5} {B:>3} {T:>6} {d:>5} {row['H_MB']:>7} "
                           f"{us:>9.1f} {gbps:>7.0f} {row['pct_copy']:>6} "
-                          f"{row['speedup_vs_eager']:>7}")
+                          f"{row['speedup_vs_eager']:>7} {row['speedup_vs_compile']:>8} "
+                          f"{graph_us:>8}")
                 del H, inputs
     print(f"appended to {out_path}")
     return 0
