@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 import triton
 
+from casa_cli.kernels.forward_operand import forward_block_k, forward_halves, forward_operand
 from casa_cli.kernels.head_math import (
     GATES, AttentionState, HeadOutput, check_mask, gated_logits, last_valid_index)
 from casa_cli.kernels.safety_attention_triton import (
@@ -167,33 +168,6 @@ def _layout(H: torch.Tensor, mask: torch.Tensor | None, cu_seqlens: torch.Tensor
             check_mask(mask)
     B, T, _ = H.shape
     return _Layout(B, T, T, B * T, H.stride(0), H.stride(1))
-
-
-def forward_halves(dtype: torch.dtype) -> int:
-    """Columns of QV per head and weight: hi and lo halves for 16-bit H, one for float32."""
-    return 1 if dtype == torch.float32 else 2
-
-
-def forward_block_k(K: int, dtype: torch.dtype) -> int:
-    """Heads per forward tile: the fewest (a power of two) holding K whose QV operand, 2
-    forward_halves columns a head, is at least one tensor-core tile wide (16)."""
-    return max(8 // forward_halves(dtype), triton.next_power_of_2(K))
-
-
-def forward_operand(Q: torch.Tensor, V: torch.Tensor, dtype: torch.dtype,
-                    block_k: int) -> torch.Tensor:
-    """The forward kernel's one operand QV (d, 2 halves block_k) in H's dtype: column
-    (2k + i) halves + j is head k's q (i = 0) or v (i = 1), its hi (j = 0) or lo (j = 1)
-    half, so one dot of an H tile against QV gives scores and values to about 16 mantissa
-    bits (float32 H: one column each, tf32x3 splits it). Built on the device, no host sync."""
-    K, d = Q.shape
-    columns = []
-    for weights in (Q.detach().float(), V.detach().float()):
-        hi = weights.to(dtype)
-        columns += [hi] if dtype == torch.float32 else [hi, (weights - hi.float()).to(dtype)]
-    QV = torch.zeros(block_k, d, len(columns), dtype=dtype, device=Q.device)
-    QV[:K] = torch.stack(columns, dim=-1)
-    return QV.permute(1, 0, 2).reshape(d, len(columns) * block_k)
 
 
 def _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights: bool,

@@ -19,10 +19,10 @@ is multiplied by log2(e)) so the kernels can use exp2. The dot products run on t
 (`tl.dot`): a 16-bit operand is used exactly as stored and the float32 operand (Q, V, or the
 backward coefficients) is split into two 16-bit halves, hi + lo, so it keeps about 16 bits of
 mantissa; float32 H uses tf32x3, the same idea done by the compiler. In the forward the
-launcher does the split once per call: Q and V become one operand QV (d, 4 BLOCK_K) in H's
-dtype, columns [q_hi, q_lo, v_hi, v_lo] per head (float32 H: [q, v], 2 BLOCK_K, as tf32x3
-splits them itself), so each d step is one load of H, one load of QV and ONE dot, and the
-halves are summed once per token tile (`_scores_and_values`).
+launcher does the split once per call (forward_operand.py): Q and V become one operand QV
+(d, 4 BLOCK_K) in H's dtype, columns [q_hi, q_lo, v_hi, v_lo] per head (float32 H: [q, v],
+2 BLOCK_K, as tf32x3 splits them itself), so each d step is one load of H, one load of QV
+and ONE dot, and the halves are summed once per token tile (`_scores_and_values`).
 
 No host synchronisation: nothing about the data is checked on the host. A row with no valid
 token (all padding, or a packed row whose offsets are malformed) is finished with NaN in z,

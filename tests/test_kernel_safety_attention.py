@@ -426,3 +426,24 @@ def test_module_triton_backend_equals_torch():
         grads.append([param.grad.clone() for param in (head.Q, head.V, head.b, head.token_out)])
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=GRAD_TOL[FP32], atol=GRAD_TOL[FP32])
+
+
+def test_the_reused_qv_operand_follows_every_change_of_q_and_v():
+    """The launcher reuses its Q/V operand while Q and V are unchanged; an in-place write, a
+    `.data` swap or new tensors must each give the reference of the new values."""
+    H, mask, p = make_inputs(2, 40, 64, 4, BF16, [40, 17], seed=12)
+    Q, V = p["Q"].clone(), p["V"].clone()
+
+    def check():
+        out = safety_head(H, mask, Q, V, p["b"], p["token_out"], "log")
+        ref = reference(H, mask, dict(p, Q=Q, V=V), "log")
+        assert_close(out.z, ref.z, TOL[BF16])
+
+    check()
+    check()  # reused
+    Q.mul_(-0.5)  # in place: a version bump
+    check()
+    V.data = torch.randn_like(V) / 8  # storage swap, no version bump
+    check()
+    Q, V = Q.flip(0), V.flip(0)  # new tensors
+    check()
