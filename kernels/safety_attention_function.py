@@ -36,6 +36,9 @@ GATE_CODES = {None: GATE_NONE, "log": GATE_LOG, "multiply": GATE_MULTIPLY}
 # of H so the split partials and the combine stay negligible.
 PROGRAMS_PER_SM = 2
 BLOCK_K = 16  # heads padded to one tensor-core tile width; K up to 16 is supported
+# The forward addresses H within a token tile with 32-bit offsets (token x stride + feature):
+# a wider stride between tokens (a view into something larger) is copied first.
+MAX_TOKEN_STRIDE = 2 ** 24
 
 # Every buffer the launchers fill comes from here, so a test can hand out NaN-poisoned memory
 # and prove that each element is written.
@@ -83,7 +86,7 @@ def plan_launch(rows: int, max_len: int, d: int, dtype: torch.dtype, device: tor
     sm_90 without register spills (3 stages; benchmarks/kernel_sass_report.py): 128 features
     of 16-bit H per d step, 32 of float32 H (tf32x3 needs three times the registers). A
     16-token tile runs on one warp: four would share one 16-row tile and each issue the same
-    loop (0.93 SASS instructions per byte of H on four warps before the one-dot forward, 0.055
+    loop (0.93 SASS instructions per byte of H on four warps before the one-dot forward, 0.052
     on one after); the bytes in flight per program are the tile's either way.
     """
     want = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), rows)  # programs wanted per row
@@ -187,7 +190,7 @@ def _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights: bool
                          f"got {tuple(Q.shape)}, {tuple(V.shape)}, {tuple(b.shape)}")
     if token_out is not None and token_out.shape != (2, d):
         raise ValueError(f"token_out must be (2, {d}), got {tuple(token_out.shape)}")
-    if H.stride(-1) != 1:
+    if H.stride(-1) != 1 or H.stride(-2) > MAX_TOKEN_STRIDE:
         H = H.contiguous()
     lay = _layout(H, mask, cu_seqlens, d, max_seqlen)
     plan = plan_launch(lay.rows, max(lay.max_len, 1), d, H.dtype, H.device, tuning)

@@ -110,6 +110,12 @@ def _attend_chunk(H_row, stride_ht, MASK_row, QV, S_row, VAL_row, d, t_begin, t_
     offs_tt = tl.arange(0, BLOCK_T)
     offs_n = tl.arange(0, 2 * HALVES * BLOCK_K)
     offs_dd = tl.arange(0, BLOCK_D)
+    # Offsets within one tile, 32-bit and computed once (a tile spans BLOCK_T tokens; the
+    # launcher copies an H whose token stride could overflow them); the tile's and the d
+    # step's starts move scalar 64-bit pointers instead, so the loop's per-element integer
+    # work is one add.
+    h_offs = offs_tt[:, None] * stride_ht + offs_dd[None, :]
+    w_offs = offs_dd[:, None] * (2 * HALVES * BLOCK_K) + offs_n[None, :]
     m_i = tl.full([BLOCK_K], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_K], tl.float32)
     a_i = tl.zeros([BLOCK_K], tl.float32)
@@ -120,27 +126,26 @@ def _attend_chunk(H_row, stride_ht, MASK_row, QV, S_row, VAL_row, d, t_begin, t_
         valid = in_chunk
         if HAS_MASK:
             valid = valid & (tl.load(MASK_row + offs_t, mask=in_chunk, other=0) != 0)
-        # Pointers are advanced along d, not recomputed: the loop's integer work is most of
-        # its instructions. 64-bit offsets: T * d may pass 2^31.
-        h_ptrs = H_row + offs_t.to(tl.int64)[:, None] * stride_ht + offs_dd[None, :]
-        w_ptrs = QV + offs_dd[:, None] * (2 * HALVES * BLOCK_K) + offs_n[None, :]
+        # 64-bit (T * d may pass 2^31); written so as to widen a plain int as well
+        h_tile = H_row + (tl.zeros([], tl.int64) + t0) * stride_ht
+        w_step = QV
         acc = tl.zeros([BLOCK_T, 2 * HALVES * BLOCK_K], tl.float32)
         for d0 in range(0, d, BLOCK_D):
             # Padding tokens are never read: a masked-off lane issues no memory traffic, and
             # whatever the padding holds (even NaN) cannot leak into the sums.
             if EVEN_D:  # no d tail: only the token mask, fixed for the whole tile
-                h = tl.load(h_ptrs, mask=valid[:, None], other=0.0)
-                w = tl.load(w_ptrs)
+                h = tl.load(h_tile + h_offs, mask=valid[:, None], other=0.0)
+                w = tl.load(w_step + w_offs)
             else:
                 d_ok = offs_dd < d - d0
-                h = tl.load(h_ptrs, mask=valid[:, None] & d_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=d_ok[:, None], other=0.0)
+                h = tl.load(h_tile + h_offs, mask=valid[:, None] & d_ok[None, :], other=0.0)
+                w = tl.load(w_step + w_offs, mask=d_ok[:, None], other=0.0)
             if h.dtype == tl.float32:
                 acc = tl.dot(h, w, acc, input_precision="tf32x3")
             else:
                 acc = tl.dot(h, w, acc)
-            h_ptrs += BLOCK_D
-            w_ptrs += BLOCK_D * 2 * HALVES * BLOCK_K
+            h_tile += BLOCK_D
+            w_step += BLOCK_D * 2 * HALVES * BLOCK_K
         s, v = _scores_and_values(acc, BLOCK_T, BLOCK_K, HALVES)
         s = tl.where(valid[:, None], s * qk_scale, float("-inf"))
         if STORE_SV:

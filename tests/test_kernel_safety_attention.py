@@ -447,3 +447,19 @@ def test_the_reused_qv_operand_follows_every_change_of_q_and_v():
     check()
     Q, V = Q.flip(0), V.flip(0)  # new tensors
     check()
+
+
+@pytest.mark.parametrize("limit", [None, 8], ids=["strided", "copied"])
+def test_h_may_be_a_view_with_a_wide_token_stride(monkeypatch, limit):
+    """H sliced out of a wider tensor: read through its strides, or (past the stride the
+    kernel's 32-bit tile offsets allow, MAX_TOKEN_STRIDE) copied first; same result."""
+    if limit is not None:
+        monkeypatch.setattr(launcher, "MAX_TOKEN_STRIDE", limit)
+    wide, mask, p = make_inputs(2, 37, 128, 4, BF16, [37, 11], seed=13)
+    H = wide[..., :64]  # token stride 128, features 64
+    p = {k: (v[..., :64] if k in ("Q", "V", "token_out") else v) for k, v in p.items()}
+    out = safety_head(H, mask, p["Q"].contiguous(), p["V"].contiguous(), p["b"],
+                      p["token_out"].contiguous(), "log")
+    ref = reference(H, mask, p, "log")
+    for field in ("z", "l_safe", "l_unsafe", "p_unsafe"):
+        assert_close(getattr(out, field), getattr(ref, field), TOL[BF16])
