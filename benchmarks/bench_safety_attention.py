@@ -132,7 +132,7 @@ def main() -> int:
                 b = torch.zeros((), device="cuda")
                 token_out = torch.randn(2, d, device="cuda", generator=g) / math.sqrt(d)
                 inputs = (H, mask, Q, V, b, token_out, "log")
-                plan = plan_launch(B, T, d, dtype, H.device)
+                plan = plan_launch(B, T, d, HEADS, dtype, H.device)
                 base_us = {}
                 for impl in impls:
                     try:
@@ -160,7 +160,7 @@ def main() -> int:
                                speedup_vs_compile=speedup(base_us, "compile", impl, us),
                                graph_us=graph_us,
                                plan=(f"bt{plan.block_t}/bd{plan.block_d}/splits{plan.splits}"
-                                     f"/warps{plan.num_warps}" if impl == "triton" else ""),
+                                     f"/dsplits{plan.d_splits}/warps{plan.num_warps}" if impl == "triton" else ""),
                                torch=torch.__version__, triton=triton.__version__)
                     writer.writerow(row)
                     f.flush()

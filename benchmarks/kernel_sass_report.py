@@ -7,7 +7,10 @@ For every shape of the grid (dtype x B x T x d x K) it runs the public launchers
 `casa_cli.kernels` on `meta` tensors with the kernel launches intercepted, so each row is
 exactly what the code would launch on a 132-SM H100/H200: the benchmarked inference call
 (`safety_head` with a full mask, log gate, no weights) gives the forward kernel and, when T is
-split, the combine kernel; a call with gradients of Q and V gives the backward kernel. Each
+split, the combine kernel; a prompt too short to fill the GPU takes the d-split forward, two
+launches: safety_fwd_partial_kernel (H in, partial scores and values out) and the forward
+FROM_PARTIALS (row `safety_fwd_kernel/from_partials`); a call with gradients of Q and V gives
+the backward kernel. Each
 launch is compiled ahead of time with `triton.compile` for `GPUTarget("cuda", 90, 32)` and its
 cubin read with the `cuobjdump` that ships inside Triton's NVIDIA backend. Nothing runs on a
 GPU and nothing here is measured.
@@ -18,14 +21,16 @@ Columns:
   shared_bytes              shared memory the launch requests (Triton's metadata)
   sass_per_byte             SASS instructions of the steady-state inner loop x num_warps /
                             bytes of H one iteration consumes (block_t x block_d x itemsize; the
-                            combine kernel's loop reads one row of h_last: block_d x itemsize).
+                            combine kernel's loop reads one row of h_last: block_d x itemsize;
+                            the from_partials loop, which the compiler unrolls, what its LDG
+                            instructions read: d parts of a token tile's float32 partials).
                             The loop is the innermost backward branch that holds tensor-core
                             instructions (else global loads).
   roofline_us_h100/h200     HBM bytes of this kernel (H, plus the small Q/V/mask/partials/
                             outputs) / spec-sheet peak bandwidth (H100 SXM 3.35 TB/s, H200
                             4.8 TB/s; no measured copy bandwidth is in benchmarks/results yet)
                             + 5 us launch overhead.
-  loop_instructions, loop_bytes, hbm_bytes, splits   the inputs of the two estimates.
+  loop_instructions, loop_bytes, hbm_bytes, splits, d_splits   the inputs of the two estimates.
 """
 from __future__ import annotations
 
@@ -51,7 +56,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 COLUMNS = ["kernel", "dtype", "B", "T", "d", "K", "block_t", "block_d", "num_warps",
            "num_stages", "programs", "registers", "spill_bytes", "shared_bytes", "sass_per_byte",
            "roofline_us_h100", "roofline_us_h200", "loop_instructions", "loop_bytes", "hbm_bytes",
-           "splits"]
+           "splits", "d_splits"]
 GRID = dict(dtype=("bf16", "fp16", "fp32"), B=(1, 8, 32), T=(512, 4096, 32768),
             d=(576, 4096, 8192), K=(1, 4, 16))
 QUICK = [("bf16", 1, 512, 4096, 4), ("bf16", 8, 32768, 4096, 4)]
@@ -61,6 +66,9 @@ SM90_SMS = 132  # H100 SXM and H200 both have 132 SMs, so the planner picks the 
 # committed (benchmarks/bench_safety_attention.py records copy_GB_s per device).
 BANDWIDTH_GBS = {"h100": 3350.0, "h200": 4800.0}
 LAUNCH_US = 5.0
+# The forward's second launch in the d-split path (safety_fwd_kernel with FROM_PARTIALS): it
+# sums the partial scores and values instead of reading H, so it has a row of its own.
+FROM_PARTIALS = "safety_fwd_kernel/from_partials"
 TARGET = ("cuda", 90, 32)
 
 
@@ -78,6 +86,7 @@ class Loop(NamedTuple):
     instructions: int  # instructions in [start, end], the branch included
     has_mma: bool
     has_global_load: bool
+    warp_load_bytes: int = 0  # bytes one warp's LDG instructions in the body read (all lanes)
 
 
 _LINE = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+(.*?)\s*;")
@@ -120,8 +129,19 @@ def find_loops(instrs: list[Instr]) -> list[Loop]:
         body = [i for i in instrs if target <= i.addr <= ins.addr]
         loops.append(Loop(target, ins.addr, len(body),
                           any(is_tensor_core(i.opcode) for i in body),
-                          any(i.opcode.split(".")[0] in _GLOBAL_LOAD for i in body)))
+                          any(i.opcode.split(".")[0] in _GLOBAL_LOAD for i in body),
+                          sum(ldg_lane_bytes(i.opcode) * 32 for i in body)))
     return loops
+
+
+def ldg_lane_bytes(opcode: str) -> int:
+    """Bytes one lane reads with this instruction if it is a plain global load (LDG.E.64: 8),
+    else 0. Counting these gives the bytes of a loop that the compiler unrolled."""
+    parts = opcode.split(".")
+    if parts[0] != "LDG":
+        return 0
+    widths = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
+    return next((widths[p] for p in parts[1:] if p in widths), 4)
 
 
 def innermost(loops: list[Loop]) -> list[Loop]:
@@ -330,19 +350,27 @@ def compile_sm90(launch: Launch) -> Compiled:
 
 # ------------------------------------------------------------------------ HBM bytes moved
 
-def hbm_bytes(kernel: str, dtype: str, B: int, T: int, d: int, K: int, splits: int) -> int:
+def hbm_bytes(kernel: str, dtype: str, B: int, T: int, d: int, K: int, splits: int,
+              d_splits: int = 1) -> int:
     """Bytes one kernel moves to or from HBM, counting each buffer once (Q, V and token_out
-    are re-read from L2, not HBM). The forward and backward read all of H (a full mask)."""
+    are re-read from L2, not HBM). The forward and backward read all of H (a full mask); in
+    the d-split forward the partial kernel reads H and writes float32 partial scores and
+    values per token and d part, and the forward (FROM_PARTIALS) reads those instead of H."""
     h = ITEMSIZE[dtype]
     f32 = 4
     epilogue = B * d * h + 2 * d * f32 + B * (K * 2 + 4) * f32  # h_last, token_out, outputs
     partials = B * splits * (3 * K + 1) * f32
-    if "fwd" in kernel:
-        head = B * T * d * h + B * T + 2 * K * d * f32  # H, the mask, Q and V
-        return head + (epilogue if splits == 1 else partials)
-    if "combine" in kernel:
+    d_partials = B * T * d_splits * 2 * K * f32
+    streamed = B * T * d * h + B * T + 2 * K * d * f32  # H, the mask, Q and V
+    if kernel == "safety_fwd_partial_kernel":
+        return streamed + d_partials
+    if kernel == FROM_PARTIALS:
+        return d_partials + B * T + (epilogue if splits == 1 else partials)
+    if kernel == "safety_fwd_kernel":
+        return streamed + (epilogue if splits == 1 else partials)
+    if kernel == "safety_combine_kernel":
         return partials + epilogue
-    if "bwd" in kernel:
+    if kernel == "safety_bwd_kernel":
         # H, the stored scores and values, and the dQ/dV slabs of every chunk
         return B * T * d * h + 2 * B * T * K * f32 + B * splits * 2 * K * d * f32
     raise ValueError(f"unknown kernel {kernel}")
@@ -355,17 +383,23 @@ def report_rows(shapes: Iterable[tuple], log=print) -> list[dict]:
     for dtype, B, T, d, K in shapes:
         launches = planned_launches(dtype, B, T, d, K)
         fwd_splits = next((l.grid[1] for l in launches if "fwd" in l.name), 1)
+        d_splits = next((l.grid[2] for l in launches if l.name == "safety_fwd_partial_kernel"), 1)
         for launch in launches:
             c = compile_sm90(launch)
             kw = launch.kwargs
+            kernel = FROM_PARTIALS if kw.get("FROM_PARTIALS") else launch.name
             block_t, block_d = kw.get("BLOCK_T"), kw.get("BLOCK_D")
             splits = launch.grid[2] if "bwd" in launch.name else fwd_splits
-            # one tile of H per iteration; the combine's loop reads one row (h_last)
-            tile = block_d if "combine" in launch.name else block_t * block_d
-            loop_bytes = tile * ITEMSIZE[dtype]
-            moved = hbm_bytes(launch.name, dtype, B, T, d, K, splits)
+            # One tile of H per iteration; the combine's loop reads one row (h_last), the
+            # FROM_PARTIALS forward's one d part's scores and values of a token tile.
+            if kernel == FROM_PARTIALS and c.loop:  # unrolled: count what its loads read
+                loop_bytes = c.loop.warp_load_bytes * c.num_warps
+            else:
+                tile = block_d if "combine" in kernel else block_t * block_d
+                loop_bytes = tile * ITEMSIZE[dtype]
+            moved = hbm_bytes(kernel, dtype, B, T, d, K, splits, d_splits)
             rows.append(dict(
-                kernel=launch.name, dtype=dtype, B=B, T=T, d=d, K=K, block_t=block_t,
+                kernel=kernel, dtype=dtype, B=B, T=T, d=d, K=K, block_t=block_t,
                 block_d=block_d, num_warps=c.num_warps, num_stages=c.num_stages,
                 programs=launch.programs, registers=c.registers, spill_bytes=c.spill_bytes,
                 shared_bytes=c.shared_bytes,
@@ -374,7 +408,7 @@ def report_rows(shapes: Iterable[tuple], log=print) -> list[dict]:
                 roofline_us_h100=round(roofline_us(moved, BANDWIDTH_GBS["h100"]), 2),
                 roofline_us_h200=round(roofline_us(moved, BANDWIDTH_GBS["h200"]), 2),
                 loop_instructions=c.loop.instructions if c.loop else "", loop_bytes=loop_bytes,
-                hbm_bytes=moved, splits=splits))
+                hbm_bytes=moved, splits=splits, d_splits=d_splits))
         done = rows[-len(launches):]
         log(f"{dtype} B={B} T={T} d={d} K={K}: "
             + ", ".join(f"{r['kernel'].replace('safety_', '').replace('_kernel', '')} "

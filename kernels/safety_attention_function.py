@@ -28,7 +28,7 @@ from casa_cli.kernels.head_math import (
     GATES, AttentionState, HeadOutput, check_mask, gated_logits, last_valid_index)
 from casa_cli.kernels.safety_attention_triton import (
     GATE_LOG, GATE_MULTIPLY, GATE_NONE, safety_bwd_kernel, safety_combine_kernel,
-    safety_fwd_kernel)
+    safety_fwd_kernel, safety_fwd_partial_kernel)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GATE_CODES = {None: GATE_NONE, "log": GATE_LOG, "multiply": GATE_MULTIPLY}
@@ -51,6 +51,7 @@ class Tuning:
     block_t: int | None = None  # tokens per tile (a power of two, 16 or more)
     block_d: int | None = None  # hidden features per tile (a power of two, 16 or more)
     splits: int | None = None  # programs per row along T (1 takes the single-launch path)
+    d_splits: int | None = None  # programs per token chunk along d (1: no d-split forward)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class LaunchPlan:
     block_d: int
     splits: int  # programs per row along T
     chunk: int  # tokens per program, a multiple of block_t
+    d_splits: int = 1  # programs per token chunk along d: > 1 runs the d-split forward
+    d_chunk: int = 0  # features per d-split program, a multiple of block_d
     num_warps: int = 4
     num_stages: int = 3
 
@@ -76,27 +79,35 @@ def _check_block(name: str, value: int) -> int:
     return value
 
 
-def plan_launch(rows: int, max_len: int, d: int, dtype: torch.dtype, device: torch.device,
-                tuning: Tuning = Tuning()) -> LaunchPlan:
-    """Pick tile sizes and the split of T so that rows x splits programs fill the GPU.
+def plan_launch(rows: int, max_len: int, d: int, K: int, dtype: torch.dtype,
+                device: torch.device, tuning: Tuning = Tuning()) -> LaunchPlan:
+    """Pick tile sizes, the split of T and the split of d so that the programs fill the GPU.
 
-    A long single sequence is cut into many chunks; a large batch keeps one program per row
-    (the single-launch path, no combine step). Short sequences use 16-token tiles so that they
-    can still be spread over enough programs. The tile sizes are the ones that compile for
-    sm_90 without register spills (3 stages; benchmarks/kernel_sass_report.py): 128 features
-    of 16-bit H per d step, 32 of float32 H (tf32x3 needs three times the registers). A
-    16-token tile runs on one warp: four would share one 16-row tile and each issue the same
-    loop (0.93 SASS instructions per byte of H on four warps before the one-dot forward, 0.052
-    on one after); the bytes in flight per program are the tile's either way.
+    A long single sequence is cut into many chunks along T; a large batch keeps one program
+    per row (the single-launch path, no combine step). A prompt too short for that (B=1,
+    T=512: 8 tiles of 64 tokens) also splits d: each chunk's features go to d_splits
+    programs, which store partial scores and values, and a second launch adds them up
+    (safety_fwd_partial_kernel). Parts of at most 1/8 of H's bytes keep that detour cheap.
+    Tiles are always 64 tokens (16-token tiles cost 0.05-0.13 SASS instructions per byte of
+    H against 0.03-0.05: benchmarks/kernel_sass_report.py), 128 features of 16-bit H per d
+    step, 32 of float32 H (tf32x3 needs three times the registers): the sizes that compile
+    for sm_90 without register spills (3 stages). A 16-token tile (tuning only) runs on one
+    warp: four would share one 16-row tile and each issue the same loop.
     """
     want = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), rows)  # programs wanted per row
     block_d = _check_block("block_d", tuning.block_d or (32 if dtype == torch.float32 else 128))
-    block_t = tuning.block_t or (64 if triton.cdiv(max_len, 64) >= want else 16)
-    _check_block("block_t", block_t)
+    block_t = _check_block("block_t", tuning.block_t or 64)
     tiles = triton.cdiv(max_len, block_t)
     splits = min(max(tuning.splits or want, 1), tiles)
     chunk = triton.cdiv(tiles, splits) * block_t
-    return LaunchPlan(block_t, block_d, triton.cdiv(max_len, chunk), chunk,
+    splits = triton.cdiv(max_len, chunk)
+    d_blocks = triton.cdiv(d, block_d)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    cheap = max(d * itemsize // (8 * 2 * K * 4), 1)  # float32 s and v per part and token
+    fill = triton.cdiv(want, tiles) if tiles < want else 1  # token tiles alone fall short
+    d_splits = min(max(tuning.d_splits or min(fill, cheap), 1), d_blocks)
+    d_chunk = triton.cdiv(d_blocks, d_splits) * block_d
+    return LaunchPlan(block_t, block_d, splits, chunk, triton.cdiv(d, d_chunk), d_chunk,
                       num_warps=1 if block_t == 16 else 4)
 
 
@@ -193,7 +204,7 @@ def _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights: bool
     if H.stride(-1) != 1 or H.stride(-2) > MAX_TOKEN_STRIDE:
         H = H.contiguous()
     lay = _layout(H, mask, cu_seqlens, d, max_seqlen)
-    plan = plan_launch(lay.rows, max(lay.max_len, 1), d, H.dtype, H.device, tuning)
+    plan = plan_launch(lay.rows, max(lay.max_len, 1), d, K, H.dtype, H.device, tuning)
     dev, f32 = H.device, torch.float32
     Q, V = Q.contiguous(), V.contiguous()
     z = _empty(lay.rows, device=dev, dtype=f32)
@@ -220,17 +231,27 @@ def _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights: bool
     state_out = unused if state is None else state
     cu = cu_seqlens if cu_seqlens is not None else unused
     block_k = forward_block_k(K, H.dtype)
+    qv = forward_operand(Q, V, H.dtype, block_k)
     flags = dict(K=K, BLOCK_K=block_k, BLOCK_T=plan.block_t, BLOCK_D=plan.block_d,
                  PACKED=cu_seqlens is not None, GATE=GATE_CODES[gate],
                  WRITE_WEIGHTS=return_weights, WRITE_STATE=return_state)
+    streaming = dict(HALVES=forward_halves(H.dtype), EVEN_D=d % plan.block_d == 0,
+                     HAS_MASK=mask is not None, num_warps=plan.num_warps,
+                     num_stages=plan.num_stages)
+    h_args = (H, lay.stride_hb, lay.stride_ht, mask_u8,
+              mask_u8.stride(0) if mask is not None else 0, cu, qv)
+    from_partials = plan.d_splits > 1
+    psv, plane = unused, lay.slots * K
+    if from_partials:
+        psv = _empty(plan.d_splits, 2, lay.slots, K, device=dev, dtype=f32)
+        safety_fwd_partial_kernel[(lay.rows, plan.splits, plan.d_splits)](
+            *h_args, psv, plane, lay.T, d, plan.chunk, plan.d_chunk, K=K, BLOCK_K=block_k,
+            BLOCK_T=plan.block_t, BLOCK_D=plan.block_d, PACKED=cu_seqlens is not None,
+            **streaming)
     safety_fwd_kernel[(lay.rows, plan.splits)](
-        H, lay.stride_hb, lay.stride_ht, mask_u8, mask_u8.stride(0) if mask is not None else 0,
-        cu, forward_operand(Q, V, H.dtype, block_k), b, tok, *sv, pm, pl, pa, plast, *outs,
-        state_out,
-        lay.T, d, plan.chunk, math.log2(math.e) / math.sqrt(d),
-        HAS_MASK=mask is not None, STORE_SV=store_sv, SINGLE=single,
-        HALVES=forward_halves(H.dtype), EVEN_D=d % plan.block_d == 0, **flags,
-        num_warps=plan.num_warps, num_stages=plan.num_stages)
+        *h_args, psv, plane, plan.d_splits, b, tok, *sv, pm, pl, pa, plast, *outs, state_out,
+        lay.T, d, plan.chunk, math.log2(math.e) / math.sqrt(d), FROM_PARTIALS=from_partials,
+        STORE_SV=store_sv, SINGLE=single, **streaming, **flags)
     if not single:
         safety_combine_kernel[(lay.rows,)](
             H, lay.stride_hb, lay.stride_ht, cu, b, tok, sv[0], pm, pl, pa, plast, *outs,
@@ -347,7 +368,7 @@ def _run(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights, return_s
 def safety_attention(H, Q, V, b, mask=None, cu_seqlens=None, return_weights: bool = False, *,
                      return_state: bool = False, max_seqlen: int | None = None,
                      block_t: int | None = None, block_d: int | None = None,
-                     splits: int | None = None):
+                     splits: int | None = None, d_splits: int | None = None):
     """z (B,) = the CASA attention score of each sequence, in float32.
 
     Layouts: H (B, T, d) with an optional bool mask (B, T), True where valid (left or right
@@ -356,7 +377,7 @@ def safety_attention(H, Q, V, b, mask=None, cu_seqlens=None, return_weights: boo
     or (total_T, K), float32; with return_state, also each row's AttentionState (float32
     (B, K) m, l, acc; no gradient), which casa_cli.head.append_position continues token by
     token. The result is z, or the tuple (z, weights?, state?) of what was asked for.
-    block_t, block_d and splits override the launch plan (tuning and tests).
+    block_t, block_d, splits and d_splits override the launch plan (tuning and tests).
 
     Nothing synchronises with the host. Packed: max_seqlen (a host int, the longest row, as in
     flash-attention's varlen API) sizes the grid; without it the grid is planned for total_T,
@@ -370,14 +391,16 @@ def safety_attention(H, Q, V, b, mask=None, cu_seqlens=None, return_weights: boo
     run with CASA_KERNEL_DEBUG=1 to raise ValueError on the host instead (synchronises).
     """
     z, *_, weights, state = _run(H, mask, cu_seqlens, Q, V, b, None, None, return_weights,
-                                 return_state, Tuning(block_t, block_d, splits), max_seqlen)
+                                 return_state, Tuning(block_t, block_d, splits, d_splits),
+                                 max_seqlen)
     asked = (weights,) * return_weights + (state,) * return_state
     return (z, *asked) if asked else z
 
 
 def safety_head(H, mask, Q, V, b, token_out, gate: str = "log", return_weights: bool = False,
                 *, return_state: bool = False, block_t: int | None = None,
-                block_d: int | None = None, splits: int | None = None) -> HeadOutput:
+                block_d: int | None = None, splits: int | None = None,
+                d_splits: int | None = None) -> HeadOutput:
     """Drop-in for casa_cli.head.safety_head_reference, fused: one read of H gives z, the
     safety-token logits at the last valid position and the gated p_unsafe; with
     return_state, also `state`, the prompt's AttentionState for decoding to continue
@@ -390,4 +413,4 @@ def safety_head(H, mask, Q, V, b, token_out, gate: str = "log", return_weights: 
     if gate not in GATES:
         raise ValueError(f"unknown gate {gate!r}; expected one of {GATES}")
     return HeadOutput(*_run(H, mask, None, Q, V, b, token_out, gate, return_weights,
-                            return_state, Tuning(block_t, block_d, splits)))
+                            return_state, Tuning(block_t, block_d, splits, d_splits)))

@@ -24,6 +24,11 @@ launcher does the split once per call (forward_operand.py): Q and V become one o
 2 BLOCK_K, as tf32x3 splits them itself), so each d step is one load of H, one load of QV
 and ONE dot, and the halves are summed once per token tile (`_scores_and_values`).
 
+Short prompts (too few 64-token tiles to fill the GPU: B=1, T=512 has 8) split d as well:
+safety_fwd_partial_kernel projects each tile over one part of d and stores the partial scores
+and values (float32, at most 1/8 of H's bytes), and safety_fwd_kernel (FROM_PARTIALS) sums the
+parts and runs the same softmax as from H; so every tile is 64 tokens on four warps.
+
 No host synchronisation: nothing about the data is checked on the host. A row with no valid
 token (all padding, or a packed row whose offsets are malformed) is finished with NaN in z,
 the safety-token logits, p_unsafe and its weights, and never reads out of bounds; the caller
@@ -95,61 +100,102 @@ def _row_span(row, CU, T, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _attend_chunk(H_row, stride_ht, MASK_row, QV, S_row, VAL_row, d, t_begin, t_end,
-                  qk_scale, K: tl.constexpr, BLOCK_K: tl.constexpr, HALVES: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                  HAS_MASK: tl.constexpr, STORE_SV: tl.constexpr):
-    """Online softmax over tokens [t_begin, t_end) of one row; QV is the launcher's (d,
-    2 HALVES BLOCK_K) operand of Q and V (see the module notes).
+def _chunk_bounds(split, chunk, length, PACKED: tl.constexpr, last_split):
+    """Tokens [t_begin, t_end) of split `split`. Packed, the last split also takes any tokens
+    past splits * chunk, so a max_seqlen below the true longest row costs time, never
+    correctness."""
+    t_begin = split * chunk
+    t_end = tl.minimum(t_begin + chunk, length)
+    if PACKED:
+        t_end = tl.where(split == last_split, length, t_end)
+    return t_begin, t_end
+
+
+@triton.jit
+def _token_tile(MASK_row, t0, t_end, BLOCK_T: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(positions, in this chunk, valid) of the token tile starting at t0."""
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    in_chunk = offs_t < t_end
+    valid = in_chunk
+    if HAS_MASK:
+        valid = valid & (tl.load(MASK_row + offs_t, mask=in_chunk, other=0) != 0)
+    return offs_t, in_chunk, valid
+
+
+@triton.jit
+def _tile_projections(h_tile, stride_ht, QV, valid, d_begin, d_end, d,
+                      BLOCK_K: tl.constexpr, HALVES: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """(H.Q, H.V), each (BLOCK_T, BLOCK_K), of one token tile over features [d_begin, d_end):
+    per d step one load of H, one of the launcher's QV operand (d, 2 HALVES BLOCK_K; see the
+    module notes) and one dot."""
+    offs_n = tl.arange(0, 2 * HALVES * BLOCK_K)
+    offs_dd = tl.arange(0, BLOCK_D)
+    # Offsets within one tile, 32-bit (a tile spans BLOCK_T tokens; the launcher copies an H
+    # whose token stride could overflow them); the d step moves scalar 64-bit pointers
+    # instead, so the loop's per-element integer work is one add.
+    h_offs = tl.arange(0, BLOCK_T)[:, None] * stride_ht + offs_dd[None, :]
+    w_offs = offs_dd[:, None] * (2 * HALVES * BLOCK_K) + offs_n[None, :]
+    h_step = h_tile + d_begin
+    w_step = QV + (tl.zeros([], tl.int64) + d_begin) * (2 * HALVES * BLOCK_K)
+    acc = tl.zeros([BLOCK_T, 2 * HALVES * BLOCK_K], tl.float32)
+    for d0 in range(d_begin, d_end, BLOCK_D):
+        # Padding tokens are never read: a masked-off lane issues no memory traffic, and
+        # whatever the padding holds (even NaN) cannot leak into the sums.
+        if EVEN_D:  # no d tail: only the token mask, fixed for the whole tile
+            h = tl.load(h_step + h_offs, mask=valid[:, None], other=0.0)
+            w = tl.load(w_step + w_offs)
+        else:
+            d_ok = offs_dd < d - d0
+            h = tl.load(h_step + h_offs, mask=valid[:, None] & d_ok[None, :], other=0.0)
+            w = tl.load(w_step + w_offs, mask=d_ok[:, None], other=0.0)
+        if h.dtype == tl.float32:
+            acc = tl.dot(h, w, acc, input_precision="tf32x3")
+        else:
+            acc = tl.dot(h, w, acc)
+        h_step += BLOCK_D
+        w_step += BLOCK_D * 2 * HALVES * BLOCK_K
+    return _scores_and_values(acc, BLOCK_T, BLOCK_K, HALVES)
+
+
+@triton.jit
+def _attend_chunk(H_row, stride_ht, MASK_row, QV, PSV_row, psv_plane, d_splits, S_row,
+                  VAL_row, d, t_begin, t_end, qk_scale, K: tl.constexpr,
+                  BLOCK_K: tl.constexpr, HALVES: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_MASK: tl.constexpr,
+                  STORE_SV: tl.constexpr, FROM_PARTIALS: tl.constexpr):
+    """Online softmax over tokens [t_begin, t_end) of one row. The scores and values come
+    from H (`_tile_projections` over all of d) or, FROM_PARTIALS, from the sums of the
+    d-split partials (safety_fwd_partial_kernel; PSV_row is this row's slot 0 of plane 0).
 
     Returns per head: the running max m (log2 units), the sum of exp2(s - m), the sum of
     exp2(s - m) * value, and the last valid position seen (-1 if none).
     """
     offs_k = tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
-    offs_tt = tl.arange(0, BLOCK_T)
-    offs_n = tl.arange(0, 2 * HALVES * BLOCK_K)
-    offs_dd = tl.arange(0, BLOCK_D)
-    # Offsets within one tile, 32-bit and computed once (a tile spans BLOCK_T tokens; the
-    # launcher copies an H whose token stride could overflow them); the tile's and the d
-    # step's starts move scalar 64-bit pointers instead, so the loop's per-element integer
-    # work is one add.
-    h_offs = offs_tt[:, None] * stride_ht + offs_dd[None, :]
-    w_offs = offs_dd[:, None] * (2 * HALVES * BLOCK_K) + offs_n[None, :]
     m_i = tl.full([BLOCK_K], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_K], tl.float32)
     a_i = tl.zeros([BLOCK_K], tl.float32)
     last = tl.full([], -1, tl.int32)
     for t0 in range(t_begin, t_end, BLOCK_T):
-        offs_t = t0 + offs_tt
-        in_chunk = offs_t < t_end
-        valid = in_chunk
-        if HAS_MASK:
-            valid = valid & (tl.load(MASK_row + offs_t, mask=in_chunk, other=0) != 0)
-        # 64-bit (T * d may pass 2^31); written so as to widen a plain int as well
-        h_tile = H_row + (tl.zeros([], tl.int64) + t0) * stride_ht
-        w_step = QV
-        acc = tl.zeros([BLOCK_T, 2 * HALVES * BLOCK_K], tl.float32)
-        for d0 in range(0, d, BLOCK_D):
-            # Padding tokens are never read: a masked-off lane issues no memory traffic, and
-            # whatever the padding holds (even NaN) cannot leak into the sums.
-            if EVEN_D:  # no d tail: only the token mask, fixed for the whole tile
-                h = tl.load(h_tile + h_offs, mask=valid[:, None], other=0.0)
-                w = tl.load(w_step + w_offs)
-            else:
-                d_ok = offs_dd < d - d0
-                h = tl.load(h_tile + h_offs, mask=valid[:, None] & d_ok[None, :], other=0.0)
-                w = tl.load(w_step + w_offs, mask=d_ok[:, None], other=0.0)
-            if h.dtype == tl.float32:
-                acc = tl.dot(h, w, acc, input_precision="tf32x3")
-            else:
-                acc = tl.dot(h, w, acc)
-            h_tile += BLOCK_D
-            w_step += BLOCK_D * 2 * HALVES * BLOCK_K
-        s, v = _scores_and_values(acc, BLOCK_T, BLOCK_K, HALVES)
+        offs_t, in_chunk, valid = _token_tile(MASK_row, t0, t_end, BLOCK_T, HAS_MASK)
+        sv_off = offs_t[:, None] * K + offs_k[None, :]
+        if FROM_PARTIALS:
+            ok = valid[:, None] & k_ok[None, :]
+            s = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
+            v = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
+            part = PSV_row
+            for _ in range(0, d_splits):
+                s += tl.load(part + sv_off, mask=ok, other=0.0)
+                v += tl.load(part + psv_plane + sv_off, mask=ok, other=0.0)
+                part += 2 * psv_plane
+        else:
+            # 64-bit (T * d may pass 2^31); written so as to widen a plain int as well
+            h_tile = H_row + (tl.zeros([], tl.int64) + t0) * stride_ht
+            s, v = _tile_projections(h_tile, stride_ht, QV, valid, 0, d, d, BLOCK_K, HALVES,
+                                     BLOCK_T, BLOCK_D, EVEN_D)
         s = tl.where(valid[:, None], s * qk_scale, float("-inf"))
         if STORE_SV:
-            sv_off = offs_t[:, None] * K + offs_k[None, :]
             sv_ok = in_chunk[:, None] & k_ok[None, :]
             tl.store(S_row + sv_off, s, mask=sv_ok)
             tl.store(VAL_row + sv_off, v, mask=sv_ok)
@@ -234,34 +280,31 @@ def _finish_row(row, m, l, a, last, Bias, H_row, stride_ht, TOK, S_row, W_row, l
 
 
 @triton.jit
-def safety_fwd_kernel(H, stride_hb, stride_ht, MASK, stride_mb, CU, QV, Bias, TOK,
-                      S, VAL, PM, PL, PA, PLAST, Z, R, LSE, LS, LU, P, W, STATE,
-                      T, d, chunk, qk_scale,
+def safety_fwd_kernel(H, stride_hb, stride_ht, MASK, stride_mb, CU, QV, PSV, psv_plane,
+                      d_splits, Bias, TOK, S, VAL, PM, PL, PA, PLAST, Z, R, LSE, LS, LU, P, W,
+                      STATE, T, d, chunk, qk_scale,
                       K: tl.constexpr, BLOCK_K: tl.constexpr, HALVES: tl.constexpr,
                       EVEN_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                      HAS_MASK: tl.constexpr,
+                      HAS_MASK: tl.constexpr, FROM_PARTIALS: tl.constexpr,
                       PACKED: tl.constexpr, STORE_SV: tl.constexpr, SINGLE: tl.constexpr,
                       GATE: tl.constexpr, WRITE_WEIGHTS: tl.constexpr,
                       WRITE_STATE: tl.constexpr):
-    """Grid (rows, splits): program (row, split) streams tokens [split*chunk, +chunk) of row.
+    """Grid (rows, splits): program (row, split) streams tokens [split*chunk, +chunk) of row
+    (from H, or FROM_PARTIALS from the d-split partials of those tokens).
 
-    T: tokens per row (padded), or the total tokens of H (packed). Packed, the last split also
-    takes any tokens past splits * chunk, so a max_seqlen below the true longest row costs
-    time, never correctness.
+    T: tokens per row (padded), or the total tokens of H (packed).
     """
     row = tl.program_id(0)
     split = tl.program_id(1)
     tok0, length, slot0 = _row_span(row, CU, T, PACKED)
     H_row = H + row.to(tl.int64) * stride_hb + tok0 * stride_ht
     S_row = S + slot0 * K
-    t_begin = split * chunk
-    t_end = tl.minimum(t_begin + chunk, length)
-    if PACKED:
-        t_end = tl.where(split == tl.num_programs(1) - 1, length, t_end)
+    t_begin, t_end = _chunk_bounds(split, chunk, length, PACKED, tl.num_programs(1) - 1)
     m, l, a, last = _attend_chunk(H_row, stride_ht, MASK + row.to(tl.int64) * stride_mb, QV,
-                                  S_row, VAL + slot0 * K, d, t_begin, t_end, qk_scale,
-                                  K, BLOCK_K, HALVES, BLOCK_T, BLOCK_D, EVEN_D, HAS_MASK,
-                                  STORE_SV)
+                                  PSV + slot0 * K, psv_plane, d_splits, S_row,
+                                  VAL + slot0 * K, d, t_begin, t_end, qk_scale, K, BLOCK_K,
+                                  HALVES, BLOCK_T, BLOCK_D, EVEN_D, HAS_MASK, STORE_SV,
+                                  FROM_PARTIALS)
     if SINGLE:
         if WRITE_WEIGHTS:
             tl.debug_barrier()  # the scores this program stored are read back by other threads
@@ -276,6 +319,41 @@ def safety_fwd_kernel(H, stride_hb, stride_ht, MASK, stride_mb, CU, QV, Bias, TO
         tl.store(PL + part * K + offs_k, l, mask=k_ok)
         tl.store(PA + part * K + offs_k, a, mask=k_ok)
         tl.store(PLAST + part, last)
+
+
+@triton.jit
+def safety_fwd_partial_kernel(H, stride_hb, stride_ht, MASK, stride_mb, CU, QV, PSV,
+                              psv_plane, T, d, chunk, d_chunk, K: tl.constexpr,
+                              BLOCK_K: tl.constexpr, HALVES: tl.constexpr,
+                              EVEN_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                              BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
+                              PACKED: tl.constexpr):
+    """Grid (rows, splits, d_splits): the first half of the d-split forward, for prompts too
+    short to fill the GPU with token chunks alone. Program (row, split, part) projects tokens
+    [split*chunk, +chunk) onto Q and V over features [part*d_chunk, +d_chunk) and stores the
+    partial scores and values in PSV (d_splits, 2, slots, K): planes of psv_plane = slots * K;
+    safety_fwd_kernel (FROM_PARTIALS) adds the parts up and runs the softmax. Padding tokens
+    are not read and store 0."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    part = tl.program_id(2)
+    tok0, length, slot0 = _row_span(row, CU, T, PACKED)
+    H_row = H + row.to(tl.int64) * stride_hb + tok0 * stride_ht
+    MASK_row = MASK + row.to(tl.int64) * stride_mb
+    t_begin, t_end = _chunk_bounds(split, chunk, length, PACKED, tl.num_programs(1) - 1)
+    d_begin = part * d_chunk
+    d_end = tl.minimum(d_begin + d_chunk, d)
+    out = PSV + part.to(tl.int64) * 2 * psv_plane + slot0 * K
+    offs_k = tl.arange(0, BLOCK_K)
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        offs_t, in_chunk, valid = _token_tile(MASK_row, t0, t_end, BLOCK_T, HAS_MASK)
+        h_tile = H_row + (tl.zeros([], tl.int64) + t0) * stride_ht
+        s, v = _tile_projections(h_tile, stride_ht, QV, valid, d_begin, d_end, d, BLOCK_K,
+                                 HALVES, BLOCK_T, BLOCK_D, EVEN_D)
+        off = offs_t[:, None] * K + offs_k[None, :]
+        ok = in_chunk[:, None] & (offs_k < K)[None, :]
+        tl.store(out + off, s, mask=ok)
+        tl.store(out + psv_plane + off, v, mask=ok)
 
 
 @triton.jit
@@ -327,10 +405,7 @@ def safety_bwd_kernel(H, stride_hb, stride_ht, CU, S, VAL, LSE, R, G, DW, T, d, 
     lse = tl.load(LSE + row * K + offs_k, mask=k_ok, other=0.0)
     r = tl.load(R + row * K + offs_k, mask=k_ok, other=0.0)
     g = tl.load(G + row)
-    t_begin = split * chunk
-    t_end = tl.minimum(t_begin + chunk, length)
-    if PACKED:  # as in the forward: the last split takes the rest of a long row
-        t_end = tl.where(split == tl.num_programs(2) - 1, length, t_end)
+    t_begin, t_end = _chunk_bounds(split, chunk, length, PACKED, tl.num_programs(2) - 1)
     dq = tl.zeros([BLOCK_D, BLOCK_K], tl.float32)
     dv = tl.zeros([BLOCK_D, BLOCK_K], tl.float32)
     for t0 in range(t_begin, t_end, BLOCK_T):

@@ -47,7 +47,8 @@ def test_state_matches_reference(B, T, d, K, dtype, gate, lengths, left, tuning)
 
 
 @pytest.mark.parametrize("dtype,tuning", [(FP16, dict(block_t=16, splits=4)), (BF16, {}),
-                                          (FP32, dict(splits=1))])
+                                          (FP32, dict(splits=1)),
+                                          (FP16, dict(d_splits=2, splits=2))])
 def test_packed_state_matches_reference(dtype, tuning):
     H, mask, p = make_inputs(4, 130, 100, 4, dtype, [1, 7, 64, 130], seed=21)
     packed, cu = pack(H, mask)
@@ -57,7 +58,7 @@ def test_packed_state_matches_reference(dtype, tuning):
     torch.testing.assert_close(state.z(p["b"]), z, rtol=1e-6, atol=1e-6)
 
 
-# (layout, dtype, gate, launch overrides): every layout and dtype, both dispatch paths.
+# (layout, dtype, gate, launch overrides): every layout and dtype, every dispatch path.
 CONTINUE_CASES = [
     ("right", FP32, "log", dict(block_t=16, splits=3)),
     ("right", FP16, "multiply", {}),
@@ -65,6 +66,7 @@ CONTINUE_CASES = [
     ("left", FP16, "log", dict(block_t=16, splits=2)),
     ("packed", BF16, "multiply", dict(block_t=16, splits=3)),
     ("packed", FP32, "log", dict(splits=1)),
+    ("left", BF16, "multiply", dict(d_splits=2)),
 ]
 
 

@@ -101,7 +101,8 @@ def assert_close(actual, expected, tol):
 # (B, T, d, K, dtype, gate, lengths, left padding, launch overrides): chosen to reach every
 # dispatch path -- single launch (one program per row) and split + combine, with token-tile
 # and d-tile tails (and d a multiple of the d tile: EVEN_D) -- and every dtype with both
-# gates, T in {1, 7, 128, 1000, 4099}, d in {64, 256, 576, 1000}, K in {1, 4, 5, 8, 16}
+# gates, T in {1, 7, 128, 1000, 4099}, d in {64, 256, 576, 1000}, K in {1, 4, 5, 8, 16},
+# and the d-split forward that short prompts take on a GPU
 # (the forward's head tiles of 4, 8 and 16: its one Q/V operand is 16, 32 or 64 columns
 # wide for 16-bit H, 16 or 32 for float32).
 HEAD_CASES = [
@@ -122,6 +123,14 @@ HEAD_CASES = [
     pytest.param(2, 70, 64, 16, FP16, "multiply", [70, 33], False, dict(block_t=16, splits=2),
                  id="K16-split-fp16"),
     pytest.param(1, 33, 64, 16, FP32, "log", None, False, {}, id="K16-single-fp32"),
+    # the d-split forward (partial scores and values over d, then their sum and the softmax):
+    # one chunk per row, chunks + combine, a d tail, K of 5 and 16
+    pytest.param(2, 70, 1000, 4, BF16, "log", [70, 33], True, dict(d_splits=3),
+                 id="dsplit-left-dtail-bf16"),
+    pytest.param(2, 130, 256, 5, FP16, "multiply", [130, 20], False, dict(d_splits=2, splits=3),
+                 id="dsplit-split-even-d-fp16"),
+    pytest.param(1, 33, 64, 16, FP32, "log", None, False, dict(d_splits=2, block_d=32),
+                 id="dsplit-K16-fp32"),
 ]
 
 
@@ -161,7 +170,8 @@ def pack(H, mask):
 
 
 @pytest.mark.parametrize("dtype,tuning", [(FP16, dict(block_t=16, splits=4)),
-                                          (BF16, {}), (FP32, dict(splits=1))])
+                                          (BF16, {}), (FP32, dict(splits=1)),
+                                          (BF16, dict(d_splits=3, splits=2))])
 def test_packed_matches_reference(dtype, tuning):
     H, mask, p = make_inputs(4, 300, 576, 4, dtype, [1, 7, 128, 300], seed=3)
     packed, cu = pack(H, mask)
@@ -181,6 +191,7 @@ def _loss_weights(B, device):
     (FP32, "log", {}),
     (BF16, "multiply", dict(block_t=16, splits=3)),
     (FP16, "log", dict(block_t=32, splits=2, block_d=64)),
+    (BF16, "log", dict(d_splits=2, splits=2)),
 ])
 def test_head_gradients(dtype, gate, tuning):
     """Grads of Q, V, b, token_out through z, both logits and p_unsafe vs reference autograd."""
@@ -234,7 +245,8 @@ def sentinel_buffers(monkeypatch):
     monkeypatch.setattr(launcher, "_empty", empty)
 
 
-@pytest.mark.parametrize("tuning", [{}, dict(block_t=16, splits=3)], ids=["single", "split"])
+@pytest.mark.parametrize("tuning", [{}, dict(block_t=16, splits=3), dict(d_splits=2, splits=2)],
+                         ids=["single", "split", "dsplit"])
 def test_all_padding_row_is_nan_padded(tuning, sentinel_buffers):
     """No host check: an all-padding row comes back NaN (z, logits, p_unsafe, weights), never
     read out of bounds; every other row is exact. Gradients: a loss that leaves the row out
@@ -271,7 +283,8 @@ def test_all_padding_row_is_nan_padded(tuning, sentinel_buffers):
         assert torch.isnan(leaves[k].grad).any(), k
 
 
-@pytest.mark.parametrize("tuning", [{}, dict(block_t=16, splits=4)], ids=["single", "split"])
+@pytest.mark.parametrize("tuning", [{}, dict(block_t=16, splits=4), dict(d_splits=2, splits=2)],
+                         ids=["single", "split", "dsplit"])
 def test_malformed_packed_rows_are_nan(tuning, sentinel_buffers):
     """cu_seqlens is checked on the device: an empty row, or one that ends past H, is NaN and
     reads nothing; the other rows are exact. A max_seqlen below the longest row is slower,
@@ -355,8 +368,8 @@ def no_host_sync(monkeypatch):
 
 
 def test_public_calls_do_no_host_sync(monkeypatch):
-    """The public kernel calls, forward and backward, padded and packed, single launch and
-    split + combine, with and without weights and the attention state, never synchronise with
+    """The public kernel calls, forward and backward, padded and packed, single launch,
+    split + combine and the d-split forward, with and without weights and the attention state, never synchronise with
     the host (so they can be captured in a CUDA graph), even with an all-padding row in the
     batch."""
     monkeypatch.delenv("CASA_KERNEL_DEBUG", raising=False)
@@ -365,7 +378,7 @@ def test_public_calls_do_no_host_sync(monkeypatch):
     leaves = {k: v.clone().requires_grad_() for k, v in p.items()}
     zs, states = [], []
     with no_host_sync(monkeypatch):
-        for tuning in ({}, dict(block_t=16, splits=3)):
+        for tuning in ({}, dict(block_t=16, splits=3), dict(d_splits=2, splits=2)):
             for extras in (False, True):  # the weights and the attention state, or neither
                 asked = dict(return_weights=extras, return_state=extras, **tuning)
                 out = safety_head(H, mask, p["Q"], p["V"], p["b"], p["token_out"], "multiply",
@@ -387,13 +400,13 @@ def test_public_calls_do_no_host_sync(monkeypatch):
                 torch.where(torch.isnan(z), 0.0, z).sum().backward()
     states += [z[-1] for z in zs if isinstance(z, tuple)]
     zs = torch.stack([z[0] if isinstance(z, tuple) else z for z in zs])
-    assert zs.shape == (16, 3)
+    assert zs.shape == (24, 3)
     assert torch.isnan(zs[:, 1]).all() and torch.isfinite(zs[:, [0, 2]]).all()
     ref = reference(H[[0, 2]], mask[[0, 2]], p, "multiply")
     for z in zs:
         assert_close(z[[0, 2]], ref.z, TOL[FP16])
     states = [state for state in states if state is not None]
-    assert len(states) == 10
+    assert len(states) == 15
     for state in states:  # checked in full in test_kernel_attention_state.py
         assert_close(state.z(p["b"])[[0, 2]], ref.z, TOL[FP16])
         assert torch.isnan(state.z(p["b"])[1])
@@ -463,3 +476,27 @@ def test_h_may_be_a_view_with_a_wide_token_stride(monkeypatch, limit):
     ref = reference(H, mask, p, "log")
     for field in ("z", "l_safe", "l_unsafe", "p_unsafe"):
         assert_close(getattr(out, field), getattr(ref, field), TOL[BF16])
+
+
+def test_launch_plan_splits_d_only_when_token_chunks_cannot_fill_the_gpu(monkeypatch):
+    """The planner on a 132-SM GPU (H100/H200): B=1, T=512 fills it by splitting d as well as
+    T; a long batch is split along T only; tiles are 64 tokens whatever the length; and the
+    d parts cover d exactly, each with at least one d step."""
+    monkeypatch.setattr(launcher, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    small = launcher.plan_launch(1, 512, 4096, 4, BF16, cuda)
+    assert (small.block_t, small.block_d, small.splits, small.d_splits) == (64, 128, 8, 32)
+    assert small.splits * small.d_splits == 256  # about 2 per SM, against 32 programs before
+    big = launcher.plan_launch(8, 32768, 4096, 4, BF16, cuda)
+    assert (big.block_t, big.splits, big.d_splits) == (64, 32, 1)
+    # the partials may cost at most 1/8 of H's bytes: K=16 at d=576 leaves no room to split
+    assert launcher.plan_launch(1, 512, 576, 16, BF16, cuda).d_splits == 1
+    # K=4 allows 4 parts; 5 steps of 128 features make 3 parts of 2, 2 and 1 steps
+    assert launcher.plan_launch(1, 512, 576, 4, BF16, cuda).d_splits == 3
+    for rows, T, d, dtype in [(1, 1, 4096, BF16), (1, 20, 1000, FP32), (32, 512, 8192, FP16),
+                              (1, 16384, 4096, BF16), (3, 700, 576, FP32)]:
+        plan = launcher.plan_launch(rows, T, d, 4, dtype, cuda)
+        assert plan.block_t == 64 and plan.num_warps == 4
+        assert plan.d_chunk % plan.block_d == 0
+        assert (plan.d_splits - 1) * plan.d_chunk < d <= plan.d_splits * plan.d_chunk
+        assert (plan.splits - 1) * plan.chunk < T <= plan.splits * plan.chunk

@@ -69,12 +69,20 @@ def test_loops_innermost_and_steady_state():
     epilogue = next(l for l in inner if l.start == 0x110)
     assert not epilogue.has_mma  # HFMA2.MMA is an FMA, not a tensor-core instruction
     assert epilogue.has_global_load
+    assert epilogue.warp_load_bytes == 4 * 32  # one LDG.E: 4 bytes a lane
+    assert loop.warp_load_bytes == 0  # LDGSTS copies to shared memory: not a register load
     # without a tensor-core loop the innermost loop with global loads is the steady state
     no_mma = [i for i in instrs if not i.opcode.startswith("HMMA")]
     assert report.steady_state_loop(no_mma).start == 0x60  # the longer of two loading loops
     neither = [i for i in no_mma if not i.opcode.startswith("LDGSTS")]
     assert report.steady_state_loop(neither).start == 0x110
     assert report.steady_state_loop(report.parse_sass("")) is None
+
+
+def test_ldg_widths():
+    assert [report.ldg_lane_bytes(op) for op in
+            ("LDG.E", "LDG.E.64", "LDG.E.128.CONSTANT", "LDG.E.U8", "LDG.E.S16", "LDGSTS.E.128",
+             "LDS.128", "STG.E.64")] == [4, 8, 16, 1, 2, 0, 0, 0]
 
 
 def test_res_usage_parsing():
@@ -97,6 +105,13 @@ def test_sass_per_byte_and_roofline_arithmetic():
     single = report.hbm_bytes("safety_fwd_kernel", "fp32", 1, 512, 576, 1, splits=1)
     assert single > 512 * 576 * 4 + 512
     assert report.hbm_bytes("safety_combine_kernel", "bf16", 1, 512, 4096, 4, 32) < 1e5
+    # the d-split forward: H once, plus float32 partials (32 parts x 8 floats a token) written
+    # by the first launch and read by the second
+    h, parts = 512 * 4096 * 2, 512 * 32 * 8 * 4
+    first = report.hbm_bytes("safety_fwd_partial_kernel", "bf16", 1, 512, 4096, 4, 8, 32)
+    second = report.hbm_bytes(report.FROM_PARTIALS, "bf16", 1, 512, 4096, 4, 8, 32)
+    assert h + parts < first < (h + parts) * 1.03  # + the mask, Q and V
+    assert parts < second < parts * 1.01
 
 
 @pytest.mark.skipif(not report.tools_available(),
@@ -112,8 +127,11 @@ def test_one_real_sm90_compile_has_registers_and_no_spills(tmp_path):
                    capture_output=True)
     assert time.perf_counter() - t0 < 300
     rows = list(csv.DictReader(out.open()))
-    assert [r["kernel"] for r in rows][0] == "safety_fwd_kernel"
-    assert "safety_bwd_kernel" in {r["kernel"] for r in rows}
+    # B=1, T=512 cannot fill 132 SMs with token chunks: the d-split forward, then the combine
+    assert [r["kernel"] for r in rows] == [
+        "safety_fwd_partial_kernel", "safety_fwd_kernel/from_partials", "safety_combine_kernel",
+        "safety_bwd_kernel"]
+    assert int(rows[0]["programs"]) == 256 and int(rows[0]["d_splits"]) == 32
     for r in rows:
         assert int(r["registers"]) > 0 and int(r["spill_bytes"]) == 0, r
         assert float(r["sass_per_byte"]) > 0
