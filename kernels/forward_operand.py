@@ -2,7 +2,8 @@
 
 Each d step of the forward is one tensor-core dot of an H tile against QV, built here from
 the head's float32 Q and V: per head its q and v, as hi + lo halves in H's 16-bit dtype (so
-the sums keep about 16 mantissa bits) or as one float32 column each (tf32x3 splits them).
+the sums keep about 16 mantissa bits), or for float32 H as hi + lo halves that are each exact
+in tf32 (about 22 bits), which the tensor cores read as they are.
 """
 from __future__ import annotations
 
@@ -12,15 +13,13 @@ import torch
 import triton
 
 
-def forward_halves(dtype: torch.dtype) -> int:
-    """Columns of QV per head and weight: hi and lo halves for 16-bit H, one for float32."""
-    return 1 if dtype == torch.float32 else 2
+HALVES = 2  # columns of QV per head and weight: its hi and lo halves
 
 
-def forward_block_k(K: int, dtype: torch.dtype) -> int:
+def forward_block_k(K: int) -> int:
     """Heads per forward tile: the fewest (a power of two) holding K whose QV operand, 2
-    forward_halves columns a head, is at least one tensor-core tile wide (16)."""
-    return max(8 // forward_halves(dtype), triton.next_power_of_2(K))
+    HALVES columns a head, is at least one tensor-core tile wide (16)."""
+    return max(8 // HALVES, triton.next_power_of_2(K))
 
 
 # The last operands built, by the identity of (Q, V) and the dtype: at inference the head's
@@ -34,11 +33,11 @@ _OPERANDS_KEPT = 8
 
 def forward_operand(Q: torch.Tensor, V: torch.Tensor, dtype: torch.dtype,
                     block_k: int) -> torch.Tensor:
-    """The forward kernel's one operand QV (d, 2 halves block_k) in H's dtype: column
-    (2k + i) halves + j is head k's q (i = 0) or v (i = 1), its hi (j = 0) or lo (j = 1)
+    """The forward kernel's one operand QV (d, 2 HALVES block_k) in H's dtype: column
+    (2k + i) HALVES + j is head k's q (i = 0) or v (i = 1), its hi (j = 0) or lo (j = 1)
     half, so one dot of an H tile against QV gives scores and values to about 16 mantissa
-    bits (float32 H: one column each, tf32x3 splits it). Built on the device, no host sync;
-    reused while Q and V are unchanged (`_OPERANDS`)."""
+    bits (float32 H: tf32 halves, 22 bits). Built on the device, no host sync; reused while
+    Q and V are unchanged (`_OPERANDS`)."""
     key = (id(Q), id(V), dtype, block_k)
     kept = _OPERANDS.get(key)
     if kept is not None:
@@ -62,9 +61,18 @@ def _build_operand(Q: torch.Tensor, V: torch.Tensor, dtype: torch.dtype,
                    block_k: int) -> torch.Tensor:
     K, d = Q.shape
     columns = []
+    narrow = _round_to_tf32 if dtype == torch.float32 else (lambda x: x.to(dtype))
     for weights in (Q.detach().float(), V.detach().float()):
-        hi = weights.to(dtype)
-        columns += [hi] if dtype == torch.float32 else [hi, (weights - hi.float()).to(dtype)]
+        hi = narrow(weights)
+        columns += [hi, narrow(weights - hi.float())]
     QV = torch.zeros(block_k, d, len(columns), dtype=dtype, device=Q.device)
     QV[:K] = torch.stack(columns, dim=-1)
     return QV.permute(1, 0, 2).reshape(d, len(columns) * block_k)
+
+
+def _round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """x (float32) rounded to the nearest tf32 value (10 mantissa bits; ties away from zero,
+    as cvt.rna does), kept in float32: what the tensor cores then read exactly."""
+    bits = x.view(torch.int32)
+    rounded = (bits + 0x1000) & ~0x1FFF
+    return torch.where(torch.isfinite(x), rounded.view(torch.float32), x)

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from casa_cli.kernels.forward_operand import forward_block_k, forward_halves, forward_operand
+from casa_cli.kernels.forward_operand import HALVES, forward_block_k, forward_operand
 from casa_cli.kernels.head_math import (
     GATES, AttentionState, HeadOutput, check_mask, gated_logits, last_valid_index)
 from casa_cli.kernels.safety_attention_triton import (
@@ -88,15 +88,15 @@ def plan_launch(rows: int, max_len: int, d: int, K: int, dtype: torch.dtype,
     T=512: 8 tiles of 64 tokens) also splits d: each chunk's features go to d_splits
     programs, which store partial scores and values, and a second launch adds them up
     (safety_fwd_partial_kernel). Parts of at most 1/8 of H's bytes keep that detour cheap.
-    Tiles are always 64 tokens (16-token tiles cost 0.05-0.13 SASS instructions per byte of
-    H against 0.03-0.05: benchmarks/kernel_sass_report.py), 128 features of 16-bit H per d
-    step, 32 of float32 H (tf32x3 needs three times the registers): the sizes that compile
-    for sm_90 without register spills (3 stages). A 16-token tile (tuning only) runs on one
-    warp: four would share one 16-row tile and each issue the same loop.
+    Tiles, the sizes that compile for sm_90 without register spills (3 stages) at the fewest
+    SASS instructions per byte of H (benchmarks/kernel_sass_report.py): 64 tokens x 128
+    features of 16-bit H per d step, 128 x 32 of float32 H (its hi/lo split takes registers;
+    the taller tile halves the Q/V operand's share of each step); always on four warps. A
+    16-token tile (tuning only) runs on one warp: four would share its 16 rows.
     """
     want = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), rows)  # programs wanted per row
     block_d = _check_block("block_d", tuning.block_d or (32 if dtype == torch.float32 else 128))
-    block_t = _check_block("block_t", tuning.block_t or 64)
+    block_t = _check_block("block_t", tuning.block_t or (128 if dtype == torch.float32 else 64))
     tiles = triton.cdiv(max_len, block_t)
     splits = min(max(tuning.splits or want, 1), tiles)
     chunk = triton.cdiv(tiles, splits) * block_t
@@ -230,12 +230,12 @@ def _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights: bool
     sv = (scores, values) if store_sv else (unused, unused)
     state_out = unused if state is None else state
     cu = cu_seqlens if cu_seqlens is not None else unused
-    block_k = forward_block_k(K, H.dtype)
+    block_k = forward_block_k(K)
     qv = forward_operand(Q, V, H.dtype, block_k)
     flags = dict(K=K, BLOCK_K=block_k, BLOCK_T=plan.block_t, BLOCK_D=plan.block_d,
                  PACKED=cu_seqlens is not None, GATE=GATE_CODES[gate],
                  WRITE_WEIGHTS=return_weights, WRITE_STATE=return_state)
-    streaming = dict(HALVES=forward_halves(H.dtype), EVEN_D=d % plan.block_d == 0,
+    streaming = dict(HALVES=HALVES, EVEN_D=d % plan.block_d == 0,
                      HAS_MASK=mask is not None, num_warps=plan.num_warps,
                      num_stages=plan.num_stages)
     h_args = (H, lay.stride_hb, lay.stride_ht, mask_u8,
@@ -272,10 +272,13 @@ def _backward_qv(H, cu_seqlens, fwd_plan: LaunchPlan, max_len: int, tuning: Tuni
     d = H.shape[-1]
     packed = cu_seqlens is not None
     d_blocks = triton.cdiv(d, fwd_plan.block_d)
+    # At most 64 tokens a tile: the backward holds two float32 coefficient tiles besides H
+    # (128 float32 tokens take all 255 registers on sm_90, 64 take 176).
+    block_t = min(fwd_plan.block_t, 64)
     # The grid already spans d blocks x rows; split T only as far as needed to fill the GPU.
     want = tuning.splits or triton.cdiv(PROGRAMS_PER_SM * _sm_count(H.device), rows * d_blocks)
-    tiles = triton.cdiv(max_len, fwd_plan.block_t)
-    chunk = triton.cdiv(tiles, min(max(want, 1), tiles)) * fwd_plan.block_t
+    tiles = triton.cdiv(max_len, block_t)
+    chunk = triton.cdiv(tiles, min(max(want, 1), tiles)) * block_t
     splits = triton.cdiv(max_len, chunk)
     slabs = _empty(rows * splits, 2, K, d, device=H.device, dtype=torch.float32)
     safety_bwd_kernel[(d_blocks, rows, splits)](
@@ -283,7 +286,7 @@ def _backward_qv(H, cu_seqlens, fwd_plan: LaunchPlan, max_len: int, tuning: Tuni
         cu_seqlens if packed else lse,  # lse stands in for the offsets the padded variant ignores
         scores, values, lse, r, dz.float().contiguous(), slabs,
         H.shape[0] if packed else H.shape[1], d, chunk, 1.0 / math.sqrt(d),
-        K=K, BLOCK_K=BLOCK_K, BLOCK_T=fwd_plan.block_t, BLOCK_D=fwd_plan.block_d,
+        K=K, BLOCK_K=BLOCK_K, BLOCK_T=block_t, BLOCK_D=fwd_plan.block_d,
         PACKED=packed, num_warps=4, num_stages=2)
     dq, dv = slabs.sum(0).unbind(0)
     return dq, dv

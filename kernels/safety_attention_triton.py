@@ -18,11 +18,12 @@ Numerics: everything accumulates in float32. Scores are kept in log2 units (the 
 is multiplied by log2(e)) so the kernels can use exp2. The dot products run on tensor cores
 (`tl.dot`): a 16-bit operand is used exactly as stored and the float32 operand (Q, V, or the
 backward coefficients) is split into two 16-bit halves, hi + lo, so it keeps about 16 bits of
-mantissa; float32 H uses tf32x3, the same idea done by the compiler. In the forward the
-launcher does the split once per call (forward_operand.py): Q and V become one operand QV
-(d, 4 BLOCK_K) in H's dtype, columns [q_hi, q_lo, v_hi, v_lo] per head (float32 H: [q, v],
-2 BLOCK_K, as tf32x3 splits them itself), so each d step is one load of H, one load of QV
-and ONE dot, and the halves are summed once per token tile (`_scores_and_values`).
+mantissa (float32 H: tf32 halves). In the forward the launcher does the split once per call
+(forward_operand.py): Q and V become one operand QV (d, 4 BLOCK_K) in H's dtype, columns
+[q_hi, q_lo, v_hi, v_lo] per head, so each d step is one load of H, one load of QV and ONE dot
+(float32 H: two, on its own tf32 hi and lo), and the halves are summed once per token tile
+(`_scores_and_values`). The backward's float32 H uses tf32x3, the same idea done by the
+compiler.
 
 Short prompts (too few 64-token tiles to fill the GPU: B=1, T=512 has 8) split d as well:
 safety_fwd_partial_kernel projects each tile over one part of d and stores the partial scores
@@ -68,7 +69,7 @@ def _scores_and_values(acc, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                        HALVES: tl.constexpr):
     """(H.Q, H.V), each (BLOCK_T, BLOCK_K), from the one dot against QV: column
     (2k + i) HALVES + j holds head k's q (i = 0) or v (i = 1), its hi (j = 0) or lo (j = 1)
-    half (HALVES = 2; float32 H has one, HALVES = 1)."""
+    half."""
     halves = tl.reshape(acc, (BLOCK_T, BLOCK_K, 2, HALVES))
     return tl.split(tl.sum(halves, axis=3))
 
@@ -150,7 +151,12 @@ def _tile_projections(h_tile, stride_ht, QV, valid, d_begin, d_end, d,
             h = tl.load(h_step + h_offs, mask=valid[:, None] & d_ok[None, :], other=0.0)
             w = tl.load(w_step + w_offs, mask=d_ok[:, None], other=0.0)
         if h.dtype == tl.float32:
-            acc = tl.dot(h, w, acc, input_precision="tf32x3")
+            # H = hi + lo, each exact in tf32 (hi: the top 11 significant bits, lo: the rest
+            # but 2); QV's halves are tf32 already, so two tf32 dots keep about 22 bits with
+            # two ALU ops per element of H (tf32x3 also rounds and re-splits QV every step).
+            h_hi = (h.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+            acc = tl.dot(h_hi, w, acc, input_precision="tf32")
+            acc = tl.dot(h - h_hi, w, acc, input_precision="tf32")
         else:
             acc = tl.dot(h, w, acc)
         h_step += BLOCK_D

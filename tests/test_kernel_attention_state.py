@@ -18,7 +18,7 @@ from casa_cli.head import (SafetyHead, append_position, attention_state_referenc
                            head_from_state, safety_head_reference)
 from casa_cli.kernels import safety_attention, safety_head
 from test_kernel_safety_attention import (  # noqa: F401 (the autouse fixtures apply here too)
-    BF16, FP16, FP32, HEAD_CASES, TOL, assert_close, interpreter_bf16_dot,
+    BF16, FP16, FP32, HEAD_CASES, TOL, assert_close, interpreter_dot_as_on_gpu,
     make_inputs, pack, poisoned, sentinel_buffers)
 
 STATE_FIELDS = ("m", "l", "acc")

@@ -32,19 +32,27 @@ FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
 @pytest.fixture(autouse=True, scope="module")
-def interpreter_bf16_dot():
-    """Triton 3.9's interpreter multiplies the bf16 operands of tl.dot as their raw uint16
-    storage; widen them to float32 first (exact), which is what a GPU's tensor cores compute."""
+def interpreter_dot_as_on_gpu():
+    """Make the interpreter's tl.dot read its operands as a GPU's tensor cores do. Triton 3.9's
+    interpreter multiplies bf16 operands as their raw uint16 storage: widen them to float32
+    (exact). And it multiplies float32 in full even where the kernel asks for tf32, which
+    the tensor cores read to 10 mantissa bits (the low 13 bits ignored): drop those bits, so
+    a kernel that feeds a tf32 dot anything not already tf32-exact loses accuracy here too."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         yield
         return
-    from triton.runtime.interpreter import InterpreterBuilder
+    import numpy as np
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
     original = InterpreterBuilder.create_dot
 
-    def create_dot(self, a, b, d, *args):
+    def create_dot(self, a, b, d, input_precision, *args):
         a, b = (self.cast_impl(x, tl.float32) if x.dtype.scalar == tl.bfloat16 else x
                 for x in (a, b))
-        return original(self, a, b, d, *args)
+        if input_precision == ir.INPUT_PRECISION.TF32 and a.dtype.scalar == tl.float32:
+            a, b = (TensorHandle((x.data.view(np.uint32) & np.uint32(0xFFFFE000))
+                                 .view(np.float32), tl.float32) for x in (a, b))
+        return original(self, a, b, d, input_precision, *args)
 
     InterpreterBuilder.create_dot = create_dot
     yield
@@ -480,8 +488,8 @@ def test_h_may_be_a_view_with_a_wide_token_stride(monkeypatch, limit):
 
 def test_launch_plan_splits_d_only_when_token_chunks_cannot_fill_the_gpu(monkeypatch):
     """The planner on a 132-SM GPU (H100/H200): B=1, T=512 fills it by splitting d as well as
-    T; a long batch is split along T only; tiles are 64 tokens whatever the length; and the
-    d parts cover d exactly, each with at least one d step."""
+    T; a long batch is split along T only; tiles are 64 tokens (128 of float32 H) whatever
+    the length; and the d parts cover d exactly, each with at least one d step."""
     monkeypatch.setattr(launcher, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
     small = launcher.plan_launch(1, 512, 4096, 4, BF16, cuda)
@@ -496,7 +504,7 @@ def test_launch_plan_splits_d_only_when_token_chunks_cannot_fill_the_gpu(monkeyp
     for rows, T, d, dtype in [(1, 1, 4096, BF16), (1, 20, 1000, FP32), (32, 512, 8192, FP16),
                               (1, 16384, 4096, BF16), (3, 700, 576, FP32)]:
         plan = launcher.plan_launch(rows, T, d, 4, dtype, cuda)
-        assert plan.block_t == 64 and plan.num_warps == 4
+        assert plan.block_t == (128 if dtype == FP32 else 64) and plan.num_warps == 4
         assert plan.d_chunk % plan.block_d == 0
         assert (plan.d_splits - 1) * plan.d_chunk < d <= plan.d_splits * plan.d_chunk
         assert (plan.splits - 1) * plan.chunk < T <= plan.splits * plan.chunk
