@@ -36,6 +36,7 @@ GATE_CODES = {None: GATE_NONE, "log": GATE_LOG, "multiply": GATE_MULTIPLY}
 # of H so the split partials and the combine stay negligible.
 PROGRAMS_PER_SM = 2
 BLOCK_K = 16  # heads padded to one tensor-core tile width; K up to 16 is supported
+COMBINE_BLOCK_D = 4096  # features of h_last the combine reads at once (8 warps: 16 a thread)
 # The forward addresses H within a token tile with 32-bit offsets (token x stride + feature):
 # a wider stride between tokens (a view into something larger) is copied first.
 MAX_TOKEN_STRIDE = 2 ** 24
@@ -253,10 +254,12 @@ def _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights: bool
         lay.T, d, plan.chunk, math.log2(math.e) / math.sqrt(d), FROM_PARTIALS=from_partials,
         STORE_SV=store_sv, SINGLE=single, **streaming, **flags)
     if not single:
+        # The combine reads h_last and the two token rows in one wide step (two at d > 4096)
+        # rather than a serial chain of 128-feature loads on the path to the verdict.
         safety_combine_kernel[(lay.rows,)](
             H, lay.stride_hb, lay.stride_ht, cu, b, tok, sv[0], pm, pl, pa, plast, *outs,
-            state_out, lay.T, d, plan.splits, BLOCK_S=triton.next_power_of_2(plan.splits), **flags,
-            num_warps=4)
+            state_out, lay.T, d, plan.splits, BLOCK_S=triton.next_power_of_2(plan.splits),
+            **dict(flags, BLOCK_D=min(triton.next_power_of_2(d), COMBINE_BLOCK_D)), num_warps=8)
     if weights is not None and cu_seqlens is None:
         weights = weights.view(lay.rows, lay.max_len, K)
     return _Forward(z, l_safe, l_unsafe, p_unsafe, weights, state, scores, values, lse, r,
