@@ -1,0 +1,67 @@
+"""casa_cli.speech_bridge: the bridge's training path feeds the language model exactly what
+the assembled model's own forward would (frames, splice), the transcript prompt matches the
+chat template, and the word error rate counts as it should. No espeak-ng needed."""
+import numpy as np
+import pytest
+import torch
+
+from casa_cli.speech_bridge import (REPEAT, prompt_pieces, spliced_embeddings, tower_frames,
+                                    word_error_rate)
+from casa_cli.speech_model import AUDIO_MARKERS, CHAT_TEMPLATE
+
+
+@pytest.mark.parametrize("ref,hyp,wer", [
+    ("What is the capital of France?", "what is the capital of france", 0.0),
+    ("What is the capital of France?", "What is capital of Paris?", 2 / 6),  # del + sub
+    ("a b", "a b c d", 1.0),  # two insertions over two reference words
+    ("", "anything", 1.0),
+])
+def test_word_error_rate(ref, hyp, wer):
+    assert word_error_rate(ref, hyp) == pytest.approx(wer)
+
+
+def test_prompt_pieces_surround_the_placeholder_as_the_template_renders_it():
+    from transformers import AutoTokenizer
+
+    from casa_cli.model_sources import embedded_default_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_default_dir())
+    tok.chat_template = CHAT_TEMPLATE
+    before, after = prompt_pieces(tok, REPEAT)
+    placeholder = tok.convert_tokens_to_ids(AUDIO_MARKERS[1])
+    parts = [{"type": "audio", "audio": "clip"}, {"type": "text", "text": REPEAT}]
+    whole = tok.apply_chat_template([{"role": "user", "content": parts}], tokenize=False,
+                                    add_generation_prompt=True)
+    assert tok.decode(before + [placeholder] + after) == whole
+    assert before[-1] == tok.convert_tokens_to_ids(AUDIO_MARKERS[0])
+    assert after[0] == tok.convert_tokens_to_ids(AUDIO_MARKERS[2])
+
+
+def test_frames_and_splice_reproduce_the_models_own_forward(tiny_model):
+    """Qwen2-Audio's forward on the processor's inputs, against the bridge's path: the
+    audio tower's frames (tower_frames), projected and spliced into the text embeddings."""
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    folder = tiny_model("qwen2_audio")
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.standard_normal(int(16000 * 1.3))).astype(np.float32)
+    text = "<|audio_bos|><|AUDIO|><|audio_eos|>What was said?"
+    inputs = processor(text=text, audio=audio, sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        want = model(**inputs).logits[0]
+        frames = tower_frames(model, processor, audio)
+        ids = inputs["input_ids"][0]
+        spots = (ids == model.config.audio_token_id).nonzero()[:, 0]
+        assert len(spots) == frames.shape[0]
+        first, last = int(spots[0]), int(spots[-1]) + 1
+        x, labels = spliced_embeddings(model, (ids[:first].tolist(), ids[last:].tolist()),
+                                       frames, [])
+        hidden = model.model.language_model(inputs_embeds=x[None]).last_hidden_state
+        got = model.lm_head(hidden)[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (labels == -100).all()
+    x, labels = spliced_embeddings(model, ([1, 2], [3]), frames, [7, 8])
+    assert x.shape[0] == 2 + frames.shape[0] + 1 + 2
+    assert labels[-2:].tolist() == [7, 8] and (labels[:-2] == -100).all()
