@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -42,16 +41,13 @@ SAMPLE_RATE = 16000
 
 
 def speak(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
-    """espeak-ng's rendering of `text`, 16 kHz mono float32 in [-1, 1]."""
+    """espeak-ng's rendering of `text`, read as casa reads any audio file (`load_audio`:
+    16 kHz mono float32), so training sees what inference will."""
+    from casa_cli.inputs import load_audio
     with tempfile.NamedTemporaryFile(suffix=".wav") as f:
         subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w",
                         f.name, "--", text], check=True, capture_output=True)
-        with wave.open(f.name) as w:
-            rate = w.getframerate()
-            samples = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
-    from scipy.signal import resample_poly
-    g = np.gcd(rate, SAMPLE_RATE)
-    return resample_poly(samples.astype(np.float32) / 32768, SAMPLE_RATE // g, rate // g)
+        return load_audio(Path(f.name), SAMPLE_RATE, max_seconds=None)
 
 
 def tower_frames(model, processor, audio: np.ndarray) -> torch.Tensor:

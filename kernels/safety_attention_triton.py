@@ -28,7 +28,8 @@ compiler.
 Short prompts (too few 64-token tiles to fill the GPU: B=1, T=512 has 8) split d as well:
 safety_fwd_partial_kernel projects each tile over one part of d and stores the partial scores
 and values (float32, at most 1/8 of H's bytes), and safety_fwd_kernel (FROM_PARTIALS) sums the
-parts and runs the same softmax as from H; so every tile is 64 tokens on four warps.
+parts and runs the same softmax as from H; so every tile is 64 tokens (128 of float32 H)
+on four warps.
 
 No host synchronisation: nothing about the data is checked on the host. A row with no valid
 token (all padding, or a packed row whose offsets are malformed) is finished with NaN in z,
