@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from casa_cli.speech_bridge import (REPEAT, prompt_pieces, spliced_embeddings, tower_frames,
-                                    word_error_rate)
+from casa_cli.speech_bridge import (REPEAT, collapse, ctc_greedy, prompt_pieces,
+                                    spliced_embeddings, tower_frames, word_error_rate)
 from casa_cli.speech_model import AUDIO_MARKERS, CHAT_TEMPLATE
 
 
@@ -18,6 +18,15 @@ from casa_cli.speech_model import AUDIO_MARKERS, CHAT_TEMPLATE
 ])
 def test_word_error_rate(ref, hyp, wer):
     assert word_error_rate(ref, hyp) == pytest.approx(wer)
+
+
+def test_ctc_reading_merges_runs_then_drops_blanks():
+    assert collapse([0, 5, 5, 0, 5, 7, 7, 0], blank=0) == [5, 5, 7]
+    assert collapse([], blank=0) == [] and collapse([0, 0], blank=0) == []
+    # frames equal to token embeddings (an identity projector) read back as those tokens
+    embeddings = torch.eye(6)
+    frames = embeddings[[4, 4, 0, 4, 2, 2]]
+    assert ctc_greedy(torch.nn.Identity(), embeddings, [0, 2, 4], 0, frames) == [4, 4, 2]
 
 
 def test_prompt_pieces_surround_the_placeholder_as_the_template_renders_it():
