@@ -132,17 +132,19 @@ def batch_loss(model, examples) -> torch.Tensor:
 
 
 def greedy(model, pieces, frames, max_new_tokens: int, eos: int) -> list[int]:
+    """Greedy answer to the spliced prompt, one new token a step on the KV cache."""
     x, _ = spliced_embeddings(model, pieces, frames, [])
     out: list[int] = []
-    embed = model.model.language_model.embed_tokens
+    embed, lm = model.model.language_model.embed_tokens, model.model.language_model
     with torch.no_grad():
+        step = lm(inputs_embeds=x[None], use_cache=True)
         for _ in range(max_new_tokens):
-            hidden = model.model.language_model(inputs_embeds=x[None]).last_hidden_state
-            token = int(model.lm_head(hidden[0, -1]).argmax())
+            token = int(model.lm_head(step.last_hidden_state[0, -1]).argmax())
             if token == eos:
                 break
             out.append(token)
-            x = torch.cat([x, embed(torch.tensor([token]))])
+            step = lm(inputs_embeds=embed(torch.tensor([[token]])),
+                      past_key_values=step.past_key_values, use_cache=True)
     return out
 
 

@@ -103,8 +103,7 @@ def plan_launch(rows: int, max_len: int, d: int, K: int, dtype: torch.dtype,
     chunk = triton.cdiv(tiles, splits) * block_t
     splits = triton.cdiv(max_len, chunk)
     d_blocks = triton.cdiv(d, block_d)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    cheap = max(d * itemsize // (8 * 2 * K * 4), 1)  # float32 s and v per part and token
+    cheap = max(d * dtype.itemsize // (8 * 2 * K * 4), 1)  # float32 s and v per part and token
     fill = triton.cdiv(want, tiles) if tiles < want else 1  # token tiles alone fall short
     d_splits = min(max(tuning.d_splits or min(fill, cheap), 1), d_blocks)
     d_chunk = triton.cdiv(d_blocks, d_splits) * block_d
