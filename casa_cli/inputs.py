@@ -80,8 +80,8 @@ class Sample:
         """Raise InputError for what can be told without the model."""
         if self.error:
             raise InputError(self.error)
-        if not self.text.strip():
-            raise InputError(f"{self.id}: empty prompt")
+        if not self.text.strip() and not (self.images or self.audio):
+            raise InputError(f"{self.id}: empty prompt")  # media alone are a prompt
         for path in [*self.images, *self.audio]:
             if not path.is_file():
                 raise InputError(f"{path}: no such file")
@@ -327,6 +327,8 @@ def gather(prompt: str | None = None, images=(), audio=(), manifest: Path | None
     """The samples a command was given (exactly one source) and how many, when known. A
     manifest is read whole (samples are small), so duplicate ids are refused before any work.
     `response` (`casa classify --response`) goes with a PROMPT; a manifest line has its own."""
+    if prompt is None and (images or audio) and manifest is None and folder is None:
+        prompt = ""  # the media alone are the prompt (a spoken question)
     sources = [prompt is not None, manifest is not None, folder is not None]
     if sum(sources) != 1:
         raise InputError("give exactly one input: a PROMPT (or - for stdin), "

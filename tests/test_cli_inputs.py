@@ -62,6 +62,10 @@ def test_unreadable_audio(tiny_model, casa, tmp_path):
     ok = casa("classify", "What is said here?", "--audio", make_audio(tmp_path / "ok.flac", rate=8000),
               "--model", tiny_model("qwen2_audio"), "--json")
     assert ok.code == 0, ok.stderr  # stereo 8 kHz FLAC is downmixed and resampled
+    alone = casa("classify", "--audio", tmp_path / "ok.flac", "--model", tiny_model("qwen2_audio"),
+                 "--json")  # a spoken question: the clip alone is the prompt
+    assert alone.code == 0, alone.stderr
+    assert alone.records()[0]["prompt_tokens"] < ok.records()[0]["prompt_tokens"]
 
 
 def test_image_to_a_text_only_model(tiny_model, casa, tmp_path):

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from casa_cli.speech_bridge import (REPEAT, collapse, ctc_greedy, prompt_pieces,
-                                    spliced_embeddings, tower_frames, word_error_rate)
+from casa_cli.speech_bridge import (REPEAT, audio_embeddings, bridge_parameters, collapse,
+                                    ctc_greedy, encoder_states, prompt_pieces,
+                                    prototype_logits, spliced_embeddings, word_error_rate)
 from casa_cli.speech_model import AUDIO_MARKERS, CHAT_TEMPLATE
 
 
@@ -23,10 +24,18 @@ def test_word_error_rate(ref, hyp, wer):
 def test_ctc_reading_merges_runs_then_drops_blanks():
     assert collapse([0, 5, 5, 0, 5, 7, 7, 0], blank=0) == [5, 5, 7]
     assert collapse([], blank=0) == [] and collapse([0, 0], blank=0) == []
-    # frames equal to token embeddings (an identity projector) read back as those tokens
-    embeddings = torch.eye(6)
-    frames = embeddings[[4, 4, 0, 4, 2, 2]]
-    assert ctc_greedy(torch.nn.Identity(), embeddings, [0, 2, 4], 0, frames) == [4, 4, 2]
+    # audio embeddings near token embeddings read back as those tokens
+    embeddings = torch.randn(6, 8)
+    audio = embeddings[[4, 4, 0, 4, 2, 2]] + 0.01 * torch.randn(6, 8)
+    assert ctc_greedy(audio, embeddings, [0, 2, 4], 0) == [4, 4, 2]
+
+
+def test_prototype_logits_are_minus_squared_distances():
+    audio, rows = torch.randn(5, 7, dtype=torch.float64), torch.randn(9, 7, dtype=torch.float64)
+    torch.testing.assert_close(prototype_logits(audio, rows), -torch.cdist(audio, rows) ** 2)
+    # the largest logit is the nearest row, whatever the rows' norms
+    rows = rows * torch.linspace(0.1, 10, 9, dtype=torch.float64)[:, None]
+    assert (prototype_logits(rows[[3, 7]] * 1.0001, rows).argmax(-1) == torch.tensor([3, 7])).all()
 
 
 def test_prompt_pieces_surround_the_placeholder_as_the_template_renders_it():
@@ -46,9 +55,11 @@ def test_prompt_pieces_surround_the_placeholder_as_the_template_renders_it():
     assert after[0] == tok.convert_tokens_to_ids(AUDIO_MARKERS[2])
 
 
-def test_frames_and_splice_reproduce_the_models_own_forward(tiny_model):
-    """Qwen2-Audio's forward on the processor's inputs, against the bridge's path: the
-    audio tower's frames (tower_frames), projected and spliced into the text embeddings."""
+@pytest.mark.parametrize("upto", [0, 1, 2])
+def test_cached_states_and_splice_reproduce_the_models_own_forward(tiny_model, upto):
+    """Qwen2-Audio's forward on the processor's inputs, against the bridge's path: the audio
+    tower's states after `upto` layers (encoder_states, what training caches), the rest of
+    the tower and the projector (audio_embeddings), spliced into the text embeddings."""
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
     folder = tiny_model("qwen2_audio")
@@ -60,7 +71,11 @@ def test_frames_and_splice_reproduce_the_models_own_forward(tiny_model):
     inputs = processor(text=text, audio=audio, sampling_rate=16000, return_tensors="pt")
     with torch.no_grad():
         want = model(**inputs).logits[0]
-        frames = tower_frames(model, processor, audio)
+        assert upto <= len(model.model.audio_tower.layers)
+        states = encoder_states(model, processor, audio, upto)
+        frames = audio_embeddings(model, states, upto)
+        tower = audio_embeddings(model, states, upto, projector=False)
+        torch.testing.assert_close(model.model.multi_modal_projector(tower), frames)
         ids = inputs["input_ids"][0]
         spots = (ids == model.config.audio_token_id).nonzero()[:, 0]
         assert len(spots) == frames.shape[0]
@@ -74,3 +89,18 @@ def test_frames_and_splice_reproduce_the_models_own_forward(tiny_model):
     x, labels = spliced_embeddings(model, ([1, 2], [3]), frames, [7, 8])
     assert x.shape[0] == 2 + frames.shape[0] + 1 + 2
     assert labels[-2:].tolist() == [7, 8] and (labels[:-2] == -100).all()
+
+
+def test_bridge_parameters_are_the_upper_tower_and_the_projector(tiny_model):
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_model("qwen2_audio"))
+    layers = len(model.model.audio_tower.layers)
+    names = set(bridge_parameters(model, upto=1))
+    assert names and names <= set(model.state_dict())
+    assert all(n.startswith(("model.audio_tower.layers.", "model.audio_tower.layer_norm.",
+                             "model.multi_modal_projector.")) for n in names)
+    assert not any(n.startswith("model.audio_tower.layers.0.") for n in names)
+    assert any(n.startswith(f"model.audio_tower.layers.{layers - 1}.") for n in names)
+    assert set(bridge_parameters(model, upto=layers)) == {
+        n for n in names if not n.startswith("model.audio_tower.layers.")}

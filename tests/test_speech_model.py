@@ -40,13 +40,15 @@ def clip(tmp_path_factory):
 
 
 def test_text_path_is_the_text_default(speech_dir):
+    """SmolLM2 alone and with ears (a bridge of random weights): the same fingerprint,
+    verdicts, scores and answers on text prompts."""
     import casa_cli
     from casa_cli.fingerprint import fingerprint
     from casa_cli.pipeline import default_adapter_dir
 
     text = casa_cli.load()
     speech = casa_cli.load(str(speech_dir), adapter=default_adapter_dir())
-    assert speech.backbone.modalities >= {"audio"}
+    assert speech.backbone.modalities >= {"audio"} and not text.backbone.modalities
     assert fingerprint(speech.backbone) == fingerprint(text.backbone)
     samples = [casa_cli.prompt_sample(p, sample_id=str(i)) for i, p in enumerate(PROMPTS)]
     got = {r["id"]: r for r in speech.classify(samples)}
@@ -55,6 +57,10 @@ def test_text_path_is_the_text_default(speech_dir):
         assert got[key]["verdict"] == want[key]["verdict"]
         assert got[key]["p_unsafe"] == want[key]["p_unsafe"]
         assert got[key]["prompt_tokens"] == want[key]["prompt_tokens"]
+    from casa_cli.decoding import DecodeOptions
+    answer = lambda casa: casa.generate(PROMPTS[1], defense="none",  # noqa: E731
+                                        options=DecodeOptions(max_new_tokens=12)).tokens
+    assert answer(speech) == answer(text)
 
 
 def test_chat_template_renders_text_as_smollm2_does(speech_dir):
@@ -92,17 +98,27 @@ def test_audio_prompt_is_classified(speech_dir, clip):
     assert record["prompt_tokens"] > text_only["prompt_tokens"]  # the clip's frames
 
 
-def test_the_projector_given_is_the_one_saved(tmp_path, speech_dir):
+def test_the_bridge_given_is_the_one_saved(tmp_path, speech_dir):
     from safetensors.torch import load_file
 
     saved = load_file(str(speech_dir / "model.safetensors"))
     # (the checkpoint keeps Qwen2-Audio's original names: no "model." prefix)
     weight = saved["multi_modal_projector.linear.weight"]
     assert torch.count_nonzero(weight) == 0  # none given: zeros, an untrained bridge
-    projector = {"weight": torch.randn(weight.shape), "bias": torch.randn(weight.shape[0])}
+    layer = saved["audio_tower.layers.0.fc1.weight"]
+    bridge = {"model.multi_modal_projector.linear.weight": torch.randn(weight.shape),
+              "model.audio_tower.layers.0.fc1.weight": torch.randn(layer.shape)}
     whisper = speech_dir.parent / "whisper"
-    out = assemble_speech_model(tmp_path / "model", whisper_dir=whisper, projector=projector)
-    saved = load_file(str(out / "model.safetensors"))
-    assert torch.equal(saved["multi_modal_projector.linear.weight"], projector["weight"])
-    assert torch.equal(saved["multi_modal_projector.linear.bias"], projector["bias"])
+    out = assemble_speech_model(tmp_path / "model", whisper_dir=whisper, bridge=bridge)
+    again = load_file(str(out / "model.safetensors"))
+    assert torch.equal(again["multi_modal_projector.linear.weight"],
+                       bridge["model.multi_modal_projector.linear.weight"])
+    assert torch.equal(again["audio_tower.layers.0.fc1.weight"],
+                       bridge["model.audio_tower.layers.0.fc1.weight"])
+    untouched = [k for k in saved if k not in {"multi_modal_projector.linear.weight",
+                                               "audio_tower.layers.0.fc1.weight"}]
+    assert all(torch.equal(again[k], saved[k]) for k in untouched)
+    with pytest.raises(ValueError, match="lacks"):
+        assemble_speech_model(tmp_path / "bad", whisper_dir=whisper,
+                              bridge={"model.no_such.weight": torch.zeros(1)})
     assert not list(tmp_path.glob("model.tmp*"))  # the staging folder was renamed
