@@ -54,6 +54,29 @@ def fingerprint(backbone) -> str:
     return f"{FINGERPRINT_SCHEME}-{digest.hexdigest()[:16]}"
 
 
+def media_fingerprint(backbone) -> str:
+    """The key of the caches for prompts with images or audio: the fingerprint, plus a
+    sample (as `weight_sample`'s) of every weight outside the text model (the vision or
+    audio tower, the projector), which such a prompt's states also depend on. So retraining
+    a speech bridge or a vision tower never reuses states computed through the old one,
+    while the adapter (read off the text model's states) still fits both. A text-only
+    model's media fingerprint is its fingerprint."""
+    model = backbone.model
+    text = [model.get_decoder(), model.get_input_embeddings(), model.get_output_embeddings()]
+    inside = {id(p) for part in text if part is not None for p in part.parameters()}
+    digest, media = hashlib.sha256(), 0
+    for name, tensor in model.named_parameters():
+        if id(tensor) in inside:
+            continue
+        if tensor.is_meta:
+            tensor = _offloaded(model, name)
+        digest.update(json.dumps([name, list(tensor.shape)]).encode())
+        digest.update(_sample(tensor).view(torch.int16).numpy().astype("<i2").tobytes())
+        media += 1
+    base = fingerprint(backbone)
+    return f"{base}-m{digest.hexdigest()[:8]}" if media else base
+
+
 def vocab_digest(backbone) -> bytes:
     """A hash of the tokenizer's vocabulary, kept on the backbone: reading and sorting the
     vocabulary is most of a fingerprint's time (tens of ms to hundreds for 150k tokens),

@@ -4,6 +4,7 @@ the file, so a bad record fails alone and the rest of a batch goes on."""
 from __future__ import annotations
 
 import codecs
+import functools
 import hashlib
 import json
 import sys
@@ -26,6 +27,29 @@ LABEL_ALIASES = {"harmful": "harmful", "unsafe": "harmful", "1": "harmful", "tru
 # The keys a manifest line may have that read_manifest interprets; others go to Sample.extra.
 MANIFEST_FIELDS = {"id", "text", "prompt", "image", "images", "audio", "label", "category",
                    "response"}
+
+
+def file_digest(path: Path) -> str:
+    """A hash of a media file's bytes ("missing" if it cannot be read: the record fails
+    later with the reason), remembered per path, size and modification time so a batch
+    reads each file once more at most."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return "missing"
+    return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=65536)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return "missing"
+    return digest.hexdigest()[:24]
 
 
 class InputError(ValueError):
@@ -59,10 +83,11 @@ class Sample:
 
     @property
     def key(self) -> str:
-        """A hash of what the model reads: the messages, the media paths (the same
-        question about two images is two prompts) and a response to score, if any.
+        """A hash of what the model reads: the messages, the media files (path and
+        contents: the same question about two images is two prompts, and an image
+        overwritten in place is another prompt) and a response to score, if any.
         On-disk caches name files by it."""
-        content = [self.messages, [str(p) for p in self.images + self.audio]]
+        content = [self.messages, [[str(p), file_digest(p)] for p in self.images + self.audio]]
         if self.response is not None:  # (a prompt alone keeps the key it always had)
             content.append(self.response)
         return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:24]

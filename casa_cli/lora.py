@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from casa_cli.adapter import LoraGate, peft_quietly
-from casa_cli.fingerprint import fingerprint
+from casa_cli.fingerprint import media_fingerprint
 from casa_cli.backbone import Backbone
 from casa_cli.cache import answers_file
 from casa_cli.decoding import Stream
@@ -58,7 +58,7 @@ def self_answers(backbone: Backbone, samples: list[Sample], max_new_tokens: int,
     """The base model's own greedy answers (self-distillation targets, the response head's
     answers), cached on disk. `batch_size` > 1 decodes left-padded batches of similar
     lengths: faster, and the same answers up to float rounding."""
-    path = answers_file(fingerprint(backbone), max_new_tokens)
+    path = answers_file(media_fingerprint(backbone), max_new_tokens)
     text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
     known = dict(line for line in map(_cached_answer, text.splitlines()) if line)
     keys = [s.key for s in samples]

@@ -11,7 +11,7 @@ import torch
 
 from casa_cli.backbone import Backbone
 from casa_cli.cache import states_folder
-from casa_cli.fingerprint import fingerprint
+from casa_cli.fingerprint import fingerprint, media_fingerprint
 from casa_cli.inputs import Sample
 
 
@@ -37,10 +37,14 @@ def layer_states(backbone: Backbone, samples: list[Sample], layers: list[int],
     from safetensors.torch import load_file, save_file
 
     layers = sorted(set(layers))
-    model_key = fingerprint(backbone)
-    folders = {layer: states_folder(model_key, layer, backbone.num_layers) for layer in layers}
-    keys = [s.key for s in samples]
-    paths = {layer: [folders[layer] / f"{key}.safetensors" for key in keys] for layer in layers}
+    # a prompt with images or audio also depends on the towers' weights; text alone does not
+    text_key = fingerprint(backbone)
+    media_key = (media_fingerprint(backbone) if any(s.modalities != {"text"} for s in samples)
+                 else text_key)
+    model_keys = [text_key if s.modalities == {"text"} else media_key for s in samples]
+    paths = {layer: [states_folder(model_key, layer, backbone.num_layers)
+                     / f"{s.key}.safetensors" for model_key, s in zip(model_keys, samples)]
+             for layer in layers}
     have = {layer: [p.is_file() for p in paths[layer]] for layer in layers}
     states = {layer: [load_file(str(p))["H"] if keep and found else None
                       for p, found in zip(paths[layer], have[layer])] for layer in layers}
@@ -55,10 +59,10 @@ def layer_states(backbone: Backbone, samples: list[Sample], layers: list[int],
         prefill = backbone.prefill(backbone.encode([samples[i] for i in chunk]), capture=False,
                                    layers=wanted, states_only=True)
         for layer in wanted:
-            folders[layer].mkdir(parents=True, exist_ok=True)
             for row, index in enumerate(chunk):
                 if have[layer][index]:
                     continue
+                paths[layer][index].parent.mkdir(parents=True, exist_ok=True)
                 H = prefill.layers[layer][row][prefill.mask[row]].to("cpu", torch.float16).clone()
                 # written aside and renamed: a killed run leaves no torn file
                 aside = paths[layer][index].with_suffix(f".{os.getpid()}.tmp")

@@ -1,7 +1,8 @@
 """The fingerprint covers the weights (issue 14): two models with the same config and
 vocabulary but different weights (a base model and its fine-tune) never share cached hidden
 states or answers, and an adapter made for one is refused on the other; the same weights
-keep one fingerprint whatever their dtype (float32 or bfloat16) or placement."""
+keep one fingerprint whatever their dtype (float32 or bfloat16) or placement; prompts with
+audio or images are also keyed by the towers' weights and by the media files' bytes."""
 import hashlib
 import json
 import shutil
@@ -175,3 +176,54 @@ def test_caches_survive_a_run_killed_mid_write(base, tmp_path, monkeypatch):
     prompt_states(backbone, samples, None)
     files = [p.name for p in (tmp_path / "cache" / "states").rglob("*") if p.is_file()]
     assert len(files) == len(samples) and all(f.endswith(".safetensors") for f in files)
+
+
+def other_projector(model):
+    """A retrained audio bridge: the projector's weights move, the text model stays."""
+    weight = model.model.multi_modal_projector.linear.weight
+    generator = torch.Generator().manual_seed(0)
+    weight += 0.1 * weight.std() * torch.randn(weight.shape, generator=generator)
+
+
+def test_audio_prompts_states_are_keyed_by_the_towers_weights(tiny_model, tmp_path, monkeypatch):
+    """Two Qwen2-Audio models with one text model and different projectors: one fingerprint
+    (the head applies to both), text prompts share cached states, and an audio prompt's
+    states are computed afresh for each (a retrained bridge never reads the old one's)."""
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    from casa_cli.fingerprint import media_fingerprint
+    from test_cli_families import make_audio
+
+    source = tiny_model("qwen2_audio")
+    out = tmp_path / "retrained"
+    shutil.copytree(source, out)
+    for f in out.glob("*.safetensors"):
+        f.unlink()
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
+    with torch.no_grad():
+        other_projector(model)
+    model.save_pretrained(out, safe_serialization=True)
+    monkeypatch.setenv("CASA_CACHE_DIR", str(tmp_path / "cache"))
+    a, b = load_backbone(str(source)), load_backbone(str(out))
+    assert fingerprint(a) == fingerprint(b)
+    assert media_fingerprint(a) != media_fingerprint(b)
+    assert media_fingerprint(a).startswith(fingerprint(a) + "-m")
+    clip = make_audio(tmp_path / "q.wav")
+    text, heard = prompt_sample("hi"), prompt_sample("what is this?", audio=[clip])
+    states_a = prompt_states(a, [text, heard], None)
+    states_b = prompt_states(b, [text, heard], None)
+    assert torch.equal(states_a[0], states_b[0])
+    assert not torch.equal(states_a[1], states_b[1])
+    folders = sorted(p.name for p in (tmp_path / "cache" / "states").iterdir())
+    assert folders == sorted({fingerprint(a), media_fingerprint(a), media_fingerprint(b)})
+
+
+def test_a_media_file_overwritten_in_place_is_another_prompt(tmp_path):
+    clip = tmp_path / "q.wav"
+    clip.write_bytes(b"first")
+    before = prompt_sample("what is this?", audio=[clip]).key
+    clip.write_bytes(b"other!")
+    assert prompt_sample("what is this?", audio=[clip]).key != before
+    # a text prompt keeps the key it always had, and so its cached states
+    text = json.dumps([[{"role": "user", "content": "hi"}], []]).encode()
+    assert prompt_sample("hi").key == hashlib.sha256(text).hexdigest()[:24]
