@@ -141,7 +141,8 @@ def normalise_label(value) -> str | None:
 
 def read_manifest(path: Path) -> Iterator[Sample]:
     """JSONL: one object a line with `text` (or `prompt`) and optional `id`, `image` or
-    `images`, `audio`, `label`, `category`, `response`; other keys are kept in
+    `images`, `audio`, `label`, `category`, `response` (`text` may be empty or absent when
+    the line has media: a clip alone is a prompt); other keys are kept in
     `Sample.extra`. Media paths resolve against the manifest's folder.
 
     Every command reads manifests here, so a line has the same id and the same checks
@@ -228,16 +229,17 @@ def _has_surrogate(text: str) -> bool:
 def _sample_from(obj: dict, base: Path, sample_id: str, where: str) -> Sample:
     if obj.get("id") is not None and _line_id(obj) is None:
         raise _BadLine(f"'id' must be a non-empty string or an integer, got {obj['id']!r}")
-    text = obj.get("text", obj.get("prompt"))
-    if not isinstance(text, str):
-        raise _BadLine("missing string field 'text'" if text is None else
-                       f"'text' must be a string, got {type(text).__name__}")
-    if not text.strip():
-        raise _BadLine("empty prompt")
     if obj.get("image") is not None and obj.get("images") is not None:
         raise _BadLine("give 'image' or 'images', not both")
     images = _paths(obj, "image" if obj.get("image") is not None else "images", base)
     audio = _paths(obj, "audio", base)
+    # a clip or an image alone is a prompt (a spoken question), as on the command line
+    text = obj.get("text", obj.get("prompt", "" if images or audio else None))
+    if not isinstance(text, str):
+        raise _BadLine("missing string field 'text'" if text is None else
+                       f"'text' must be a string, got {type(text).__name__}")
+    if not text.strip() and not (images or audio):
+        raise _BadLine("empty prompt")
     category, response = _optional_string(obj, "category"), _optional_string(obj, "response")
     if response is not None and not response.strip():
         raise _BadLine("empty response")

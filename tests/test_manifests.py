@@ -102,6 +102,23 @@ def test_reader_keeps_other_keys_and_category(tmp_path):
     assert sample.category == "greeting" and sample.extra == {"answer": "Hello", "source": "x"}
 
 
+def test_a_clip_alone_is_a_prompt_but_nothing_at_all_is_not(tmp_path):
+    """A line with audio (or an image) may leave `text` out or empty: the spoken question is
+    the prompt, as `casa classify --audio q.wav` reads it. Without media it stays an error."""
+    make_audio(tmp_path / "q.wav")
+    manifest = write_lines(tmp_path / "m.jsonl", [
+        b'{"id": "no-text", "audio": "q.wav", "label": "benign"}',
+        b'{"id": "empty", "text": "", "audio": "q.wav"}',
+        b'{"id": "bare", "text": ""}', b'{"id": "nothing"}'])
+    samples = {s.id: s for s in read_manifest(manifest)}
+    for spoken in ("no-text", "empty"):
+        assert samples[spoken].error is None and samples[spoken].text == ""
+        assert samples[spoken].audio == [tmp_path / "q.wav"]
+    assert samples["no-text"].label == "benign"
+    assert says(samples["bare"].error, (f"{manifest}:3: ", "empty prompt"))
+    assert says(samples["nothing"].error, (f"{manifest}:4: ", "missing string field 'text'"))
+
+
 def test_reader_reads_an_optional_string_response(tmp_path):
     """`response` (classify scores the pair, issue 17) is checked like the other fields: a
     non-string or blank one is an error naming file:line, and the next lines are read."""
