@@ -21,7 +21,6 @@ import random
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +33,9 @@ from casa_cli.data.baseline import BagOfWords  # noqa: E402
 from casa_cli.metrics import score_metrics  # noqa: E402
 from casa_cli.speech_bridge import (TEST_VARIANTS, TEST_VOICES, clips, render,  # noqa: E402
                                     short_texts)
+from casa_cli.spoken_sets import write_wav  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def write_wav(path: Path, audio: np.ndarray, rate: int = 16000) -> None:
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(rate)
-        f.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
 
 
 def summary(labels, scores, threshold) -> dict:
@@ -60,6 +52,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bridge", type=Path, required=True,
                         help="a trained bridge (casa_cli.speech_bridge's bridge.safetensors)")
+    parser.add_argument("--adapter", type=Path, default=None,
+                        help="the head for both (default: the shipped adapter)")
     parser.add_argument("--limit", type=int, default=None, help="at most N prompts")
     parser.add_argument("--out", type=Path, default=RESULTS / "spoken_detection.json")
     args = parser.parse_args(argv)
@@ -77,12 +71,13 @@ def main(argv=None) -> int:
     spoken = clips([r["text"] for r in held_out], TEST_VOICES, TEST_VARIANTS, seed=4,
                    noisy=False)
     labels = [r["label"] for r in held_out]
-    text = casa_cli.load()
+    adapter = str(args.adapter or default_adapter_dir())
+    text = casa_cli.load(adapter=adapter)
     threshold = text.config.threshold
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model = assemble_speech_model(Path(tmp) / "model", bridge=load_file(str(args.bridge)))
-        speech = casa_cli.load(str(model), adapter=default_adapter_dir())
+        speech = casa_cli.load(str(model), adapter=adapter)
         for i, (record, clip) in enumerate(zip(held_out, spoken)):
             wav = Path(tmp) / f"{i}.wav"
             write_wav(wav, render(clip))
@@ -106,7 +101,9 @@ def main(argv=None) -> int:
         "text": summary(labels, [r["p_text"] for r in rows], threshold),
         "bag_of_words_transcripts": summary(labels, bag_scores, 0.5),
         "seconds": round(time.time() - t0),
+        "adapter": adapter,
         "command": f"python benchmarks/spoken_detection.py --bridge {args.bridge}"
+                   + (f" --adapter {args.adapter}" if args.adapter else "")
                    + (f" --limit {args.limit}" if args.limit else ""),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

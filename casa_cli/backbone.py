@@ -180,8 +180,9 @@ class Backbone(ChatText):  # chat text, plain user text, the middle cut: casa_cl
         audio = [clip for p in prepared for clip in p.media.get("audio", [])]
         if any(images):
             kwargs["images"] = images
-        if audio:
+        if audio:  # decoded at the extractor's rate (`media`); said, or it warns per clip
             kwargs["audio"] = audio
+            kwargs["sampling_rate"] = self.processor.feature_extractor.sampling_rate
         texts = [p.text for p in prepared]
         kwargs["add_special_tokens"] = self.adds_special_tokens(texts[0])
         return self.processor(text=texts, **kwargs).to(self.device)

@@ -12,11 +12,15 @@ The bridge (`casa_cli.speech_bridge`) trains the projector and the encoder's upp
 given as `bridge`, its tensors replace those of the assembly. Without it the projector is
 zeros and the audio carries nothing.
 Weights are read and written as safetensors only.
+
+    python -m casa_cli.speech_model --out build/speech-model [--bridge bridge.safetensors]
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -105,3 +109,19 @@ def assemble_speech_model(out_dir: Path, lm_dir: Path | None = None,
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     return out_dir
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="the model folder to write")
+    parser.add_argument("--bridge", type=Path, default=None,
+                        help="a trained bridge (casa_cli.speech_bridge's bridge.safetensors)")
+    args = parser.parse_args(argv)
+    from safetensors.torch import load_file
+    bridge = load_file(str(args.bridge)) if args.bridge else None
+    print(assemble_speech_model(args.out, bridge=bridge))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,11 +1,13 @@
 """`casa load` and `casa classify` through the CLI on a tiny random-weight model of every
 supported family, saved to disk and loaded by the same code path as real models."""
 import json
+import logging
 
 import numpy as np
 import pytest
 import soundfile
 from PIL import Image
+from transformers.utils import logging as hf_logging
 
 from tiny_models import FAMILIES, MODALITIES
 
@@ -43,13 +45,21 @@ def test_classify_with_each_modality(family, tiny_model, casa, tmp_path):
         args += ["--image", make_image(tmp_path / "picture.png")]
     if "audio" in MODALITIES[family]:
         args += ["--audio", make_audio(tmp_path / "clip.wav")]
-    result = casa(*args)
+    warned = []  # transformers' own warnings (its loggers write to the real stderr)
+    catch = logging.Handler(logging.WARNING)
+    catch.emit = lambda entry: warned.append(entry.getMessage())
+    hf_logging.get_logger().addHandler(catch)
+    try:
+        result = casa(*args)
+    finally:
+        hf_logging.get_logger().removeHandler(catch)
     assert result.code == 0, result.stderr
     (record,) = result.records()
     assert record["verdict"] in {"safe", "unsafe"}
     assert 0.0 <= record["p_unsafe"] <= 1.0 and np.isfinite(record["lm_log_odds"])
     assert record["z"] == 0.0  # a fresh head has V = 0, b = 0
     assert record["prompt_tokens"] > 10
+    assert not [w for w in warned if "sampling_rate" in w]  # the clip's rate is given
 
 
 def random_head_adapter(path, model_dir, seed: int = 0):
