@@ -17,7 +17,7 @@ TRITON_CPU := triton==3.9.0
 # Everything else at the exact versions the tests passed with (see `make lock`).
 CONSTRAINTS := constraints.txt
 
-.PHONY: setup demo test bench adapter speech-model lock clean
+.PHONY: setup demo test bench adapter speech-model speech-adapter lock clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,21 @@ test: setup
 speech-model: setup
 	@command -v espeak-ng >/dev/null 2>&1 || { echo "make speech-model needs espeak-ng (Debian: apt-get install espeak-ng)" >&2; exit 1; }
 	HF_HUB_OFFLINE=1 $(BIN)/python -m casa_cli.speech_bridge --out build/speech-bridge
+
+# A head for the speech model (issue 18): the bridge assembled with Whisper tiny.en and
+# SmolLM2, the built-in splits' short prompts spoken into manifests (casa_cli/spoken_sets.py),
+# and `casa train` on the typed and the spoken prompts together, at the shipped head's layer.
+# Spoken held-out prompts are scored by benchmarks/spoken_detection.py --adapter.
+SPEECH_BRIDGE ?= build/speech-bridge/bridge.safetensors
+speech-adapter: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m casa_cli.speech_model --bridge $(SPEECH_BRIDGE) --out build/speech-model
+	HF_HUB_OFFLINE=1 $(BIN)/python -m casa_cli.spoken_sets --out build/spoken-sets
+	data="$$($(BIN)/python -m casa_cli.data.assemble --builtin)" && layer="$$($(HEAD_LAYER))" && \
+	HF_HUB_OFFLINE=1 $(BIN)/casa train --model build/speech-model --layer "$$layer" \
+	  --data $$data/train.jsonl --data build/spoken-sets/train.jsonl \
+	  --val $$data/val.jsonl --val build/spoken-sets/val.jsonl \
+	  --heldout $$data/test_ordinary.jsonl --heldout $$data/test_overrefusal.jsonl \
+	  --heldout build/spoken-sets/test.jsonl --out build/speech-adapter
 
 # Rebuild the shipped adapter of the embedded default (about 25 min on 2 CPU cores, most of
 # it computing hidden states once; they are cached under $CASA_CACHE_DIR/states).

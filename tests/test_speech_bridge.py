@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from casa_cli.speech_bridge import (REPEAT, audio_embeddings, bridge_parameters, collapse,
-                                    ctc_greedy, encoder_states, prompt_pieces,
+                                    ctc_alignment, ctc_greedy, encoder_states, prompt_pieces,
                                     prototype_logits, spliced_embeddings, word_error_rate)
 from casa_cli.speech_model import AUDIO_MARKERS, CHAT_TEMPLATE
 
@@ -28,6 +28,33 @@ def test_ctc_reading_merges_runs_then_drops_blanks():
     embeddings = torch.randn(6, 8)
     audio = embeddings[[4, 4, 0, 4, 2, 2]] + 0.01 * torch.randn(6, 8)
     assert ctc_greedy(audio, embeddings, [0, 2, 4], 0) == [4, 4, 2]
+
+
+def test_ctc_alignment_is_the_best_path_that_spells_the_labels():
+    """Reference: every frame sequence of 3 classes (blank 0) up to 6 frames, kept when it
+    collapses to the labels, scored by its summed log-probability. Repeated labels need a
+    blank between them, so too few frames have no path at all (None)."""
+    import itertools
+
+    import torch.nn.functional as F
+    generator = torch.Generator().manual_seed(0)
+    impossible = 0
+    for _ in range(120):
+        labels = torch.randint(1, 3, (int(torch.randint(1, 4, (), generator=generator)),),
+                               generator=generator)
+        frames = int(torch.randint(1, 7, (), generator=generator))
+        logp = F.log_softmax(3 * torch.randn(frames, 3, generator=generator), -1)
+        best = max((sum(float(logp[t, c]) for t, c in enumerate(seq))
+                    for seq in itertools.product(range(3), repeat=frames)
+                    if collapse(list(seq), 0) == labels.tolist()), default=None)
+        path = ctc_alignment(logp, labels, blank=0)
+        if best is None:
+            assert path is None
+            impossible += 1
+            continue
+        assert collapse(path.tolist(), 0) == labels.tolist()
+        assert sum(float(logp[t, c]) for t, c in enumerate(path.tolist())) == pytest.approx(best)
+    assert 0 < impossible < 120  # both kinds were drawn
 
 
 def test_prototype_logits_are_minus_squared_distances():
@@ -104,3 +131,20 @@ def test_bridge_parameters_are_the_upper_tower_and_the_projector(tiny_model):
     assert any(n.startswith(f"model.audio_tower.layers.{layers - 1}.") for n in names)
     assert set(bridge_parameters(model, upto=layers)) == {
         n for n in names if not n.startswith("model.audio_tower.layers.")}
+
+
+def test_the_spoken_capital_question_is_not_trained_on(tmp_path, monkeypatch):
+    """The must-show question (issue 18) stays out of the bridge's training texts, so its
+    answer tests what the bridge learnt from other sentences; the everyday sentences are
+    short, plain ASCII and come after the garak statements, leaving those clips' draws as
+    they were."""
+    from casa_cli.speech_bridge import everyday_sentences, statements, texts_by_split
+    monkeypatch.setenv("CASA_CACHE_DIR", str(tmp_path))
+    train, extra, test = texts_by_split()
+    assert not [t for t in train + extra if "capital of france" in t.lower()]
+    assert [t for t in everyday_sentences() if "capital of Japan" in t]  # the neighbours stay
+    assert all(len(t.split()) <= 16 and t.isascii() for t in train + extra + test)
+    first = [t for t in sorted(set(statements()) - set(train))
+             if len(t.split()) <= 16 and t.isascii()]
+    assert extra[:len(first)] == first
+    assert not set(train + extra) & set(test)
