@@ -51,7 +51,8 @@ CTC_BLANK = "Ġ"
 FROZEN_LAYERS = 2  # Whisper tiny.en's first 2 of 4 encoder layers stay as trained
 # Weight of the pull of frames onto their tokens' embeddings, beside CTC, in the second stage.
 # 0.1 measured (8 min from a pull-free run: frame norms 26 -> 4.4, nearest-token distance
-# 2.7); 1.0 collapsed the reading (held-out WER 0.41 -> 0.89).
+# 2.7); 1.0 collapsed the posterior-weighted pull (held-out WER 0.41 -> 0.89), and with the
+# aligned pull 1.0 read worse too (run 6: reading WER 0.68 against run 5's 0.49).
 PULL = 0.1
 SAMPLE_RATE = 16000
 
