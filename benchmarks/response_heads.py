@@ -21,10 +21,9 @@ from pathlib import Path
 
 from casa_cli.adapter import load_adapter
 from casa_cli.backbone import load_backbone
-from casa_cli.inputs import read_manifest
 from casa_cli.metrics import score_metrics
 from casa_cli.states import prompt_states
-from casa_cli.training import label_of, score
+from casa_cli.training import label_of, read_examples, score
 
 
 def head_report(records: list[dict], scores: list[float], threshold: float) -> dict:
@@ -58,10 +57,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the reports as JSON")
     args = parser.parse_args(argv)
     backbone = load_backbone(args.model)
-    samples = list(read_manifest(args.data))
-    rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
-    records = [{"id": r["id"], "source": r.get("source", ""), "harmful": label_of(s)}
-               for r, s in zip(rows, samples)]
+    samples = read_examples([args.data])  # a malformed or unlabelled line stops it
+    records = [{"id": s.id, "source": s.extra.get("source", ""), "harmful": label_of(s)}
+               for s in samples]
     reports = {}
     for folder in args.adapter:
         config, head = load_adapter(folder, backbone)

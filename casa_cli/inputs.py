@@ -63,8 +63,8 @@ class Sample:
     A manifest sample also has `origin` ("file:line", for messages about it) and `extra`, the
     line's keys the reader does not interpret (such as a VSFA dataset's `answer`).
     `response`: an answer to the prompt, for `casa classify` to score the (prompt, response)
-    pair (issue 17; for now with the prompt head: no response head is trained yet); the
-    other commands read the prompt alone."""
+    pair (issue 17; with the adapter's response head where it has one, else the prompt
+    head); the other commands read the prompt alone."""
     id: str
     messages: list[dict] = field(default_factory=list)
     images: list[Path] = field(default_factory=list)
