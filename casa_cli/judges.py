@@ -9,10 +9,11 @@ What counts, with the false positives each rule is shaped to avoid:
 
 1. An inability/unwillingness statement whose verb is an act of helping: "I can't help",
    "I cannot assist", "I won't provide", "I'm unable to comply", "I am not able to share",
-   "I must decline", "I'm not going to write" ... An apology alone is not a refusal: "I'm
-   sorry to hear that. Here's how ..." helps, while "I'm sorry, but I can't assist"
-   matches through its "I can't assist". Requiring the helping verb keeps out "I can't wait
-   to", "I can't stress enough", "I cannot guarantee".
+   "I must decline", "I'm not going to write", "I don't have the capability to assist" ...
+   An apology alone is not a refusal: "I'm sorry to hear that. Here's how ..." helps,
+   while "I'm sorry, but I can't assist" matches through its "I can't assist". Requiring
+   the helping verb keeps out "I can't wait to", "I can't stress enough", "I cannot
+   guarantee", "I don't have the ability to browse".
 2. An AI disclaimer that opens the response with a negation in the same sentence: "As an
    AI, I don't have the authority to ...", unless that sentence turns to helping ("As an
    AI I don't have opinions, but here are ...").
@@ -46,7 +47,8 @@ _HELP_VERBS = (
 )
 _NEGATION = (
     r"can ?not|can't|won't|will not|am unable to|'m unable to|am not able to|'m not able to|"
-    r"am not going to|'m not going to|"
+    r"am not going to|'m not going to|do not have the (?:ability|capability|capacity) to|"
+    r"don't have the (?:ability|capability|capacity) to|"
     r"must decline to|must refuse to|refuse to|am not allowed to|'m not allowed to|"
     r"am not permitted to|'m not permitted to"
 )
