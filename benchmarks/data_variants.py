@@ -29,10 +29,9 @@ import statistics
 import sys
 import tempfile
 from collections import defaultdict
-from dataclasses import fields
 from pathlib import Path
 
-from detection_ceiling import fit
+from detection_ceiling import fit, shipped_options
 
 from casa_cli.adapter import load_adapter
 from casa_cli.backbone import load_backbone
@@ -45,7 +44,7 @@ from casa_cli.inputs import prompt_sample
 from casa_cli.metrics import score_metrics
 from casa_cli.pipeline import default_adapter_dir
 from casa_cli.states import prompt_states
-from casa_cli.training import TrainOptions, calibrated_threshold, score
+from casa_cli.training import calibrated_threshold, score
 
 SPLITS = ("train", "val", "test_ordinary", "test_overrefusal")
 
@@ -113,9 +112,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     backbone = load_backbone(None)
     config, _ = load_adapter(default_adapter_dir(), backbone)
-    saved = config.training["options"]
-    options = TrainOptions(**{f.name: saved[f.name] for f in fields(TrainOptions) if f.name in saved})
-    options.layer = config.layer
+    options = shipped_options(config)
     splits = {name: read_jsonl(path) for name, path in builtin_splits().items() if name in SPLITS}
     states = {name: prompt_states(backbone, [prompt_sample(r["text"], sample_id=r["id"])
                                              for r in recs], options.layer)

@@ -57,6 +57,15 @@ def fit(backbone, options, states, labels, val_states, val_labels):
     return head
 
 
+def shipped_options(config) -> TrainOptions:
+    """The options a shipped head was trained with (its casa_config.json), at its layer."""
+    saved = config.training["options"]
+    options = TrainOptions(**{f.name: saved[f.name] for f in fields(TrainOptions)
+                              if f.name in saved})
+    options.layer = config.layer
+    return options
+
+
 def best_operating_point(harmful, benign, sensitive) -> dict:
     """The lowest threshold within both benign limits (the ordinary one alone where the set
     has no benign-but-sensitive prompts), and what it flags."""
@@ -97,10 +106,7 @@ def main(argv=None) -> int:
     backbone = load_backbone(None)
     config, shipped = load_adapter(default_adapter_dir(), backbone)
     shipped = shipped.float()
-    saved = config.training["options"]
-    options = TrainOptions(**{f.name: saved[f.name] for f in fields(TrainOptions)
-                              if f.name in saved})
-    options.layer = config.layer
+    options = shipped_options(config)
     splits = {name: read_jsonl(path) for name, path in builtin_splits().items()}
     held = [dict(r, set="ordinary_" + r["label"]) for r in splits["test_ordinary"]]
     held += [dict(r, set="sensitive") for r in splits["test_overrefusal"]]
