@@ -27,7 +27,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from casa_cli.backbone import load_backbone
 from casa_cli.data.assemble import builtin_splits, read_jsonl
 from casa_cli.data.forms import normalise
 from casa_cli.data.grouping import unseen
-from casa_cli.data.prompt_sets import HARMFUL_FILE, _casa_written
+from casa_cli.data.prompt_sets import HARMFUL_FILE, render_written
 from casa_cli.data.taxonomy import categorise
 from casa_cli.inputs import prompt_sample
 from casa_cli.metrics import score_metrics
@@ -60,41 +59,47 @@ def render(paths: list[Path]) -> list[dict]:
         for kind, by_category in data.get("actions", {}).items():
             for sub, items in by_category.items():
                 added["actions"].setdefault(kind, {}).setdefault(sub, []).extend(items)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "pairs.json"
-        path.write_text(json.dumps({**shipped, **added}), encoding="utf-8")
-        records = _casa_written(path)
+    records = render_written({**shipped, **added})  # the shipped framings, the added pairs
     return [{**r, "id": "added:" + r["id"]} for r in categorise(normalise(records))]
+
+
+def harmful_labels(records: list[dict]) -> list[int]:
+    return [int(r["label"] == "harmful") for r in records]
+
+
+def share_at(scores, threshold: float) -> float:
+    """The share of `scores` flagged at `threshold`."""
+    return sum(s >= threshold for s in scores) / len(scores)
 
 
 def row(backbone, options, splits, states, added: list[dict], seeds: int) -> dict:
     """Heads fitted on the train split plus `added`, per seed; means and per-seed rows."""
-    labels = {n: [int(r["label"] == "harmful") for r in recs] for n, recs in splits.items()}
+    labels = {n: harmful_labels(recs) for n, recs in splits.items()}
     added_states = prompt_states(backbone, [prompt_sample(r["text"], sample_id=r["id"])
                                             for r in added], options.layer) if added else []
     per_seed = []
     for seed in range(seeds):
         options.seed = seed
         head = fit(backbone, options, states["train"] + added_states,
-                   labels["train"] + [int(r["label"] == "harmful") for r in added],
+                   labels["train"] + harmful_labels(added),
                    states["val"], labels["val"])
         val = score(head, states["val"])
         threshold = calibrated_threshold(labels["val"], val, options.target_fpr)
         held = score(head, states["test_ordinary"])
         sensitive = score(head, states["test_overrefusal"])
         val_m, held_m = score_metrics(labels["val"], val), score_metrics(labels["test_ordinary"], held)
-        harmful = [(r, s) for r, s in zip(splits["test_ordinary"], held) if r["label"] == "harmful"]
-        benign = [s for r, s in zip(splits["test_ordinary"], held) if r["label"] != "harmful"]
+        harmful = [s for y, s in zip(labels["test_ordinary"], held) if y]
+        benign = [s for y, s in zip(labels["test_ordinary"], held) if not y]
         by_category = defaultdict(list)
-        for r, s in harmful:
-            by_category[r["category"]].append(s >= threshold)
+        for r, s in zip(splits["test_ordinary"], held):
+            if r["label"] == "harmful":
+                by_category[r["category"]].append(s >= threshold)
         per_seed.append({
             "seed": seed, "val_auroc": val_m["auroc"], "val_tpr_at_1pct_fpr": val_m["tpr_at_1pct_fpr"],
             "threshold": threshold, "auroc": held_m["auroc"],
             "tpr_at_1pct_fpr": held_m["tpr_at_1pct_fpr"],
-            "flagged": sum(s >= threshold for _, s in harmful) / len(harmful),
-            "benign_flagged": sum(s >= threshold for s in benign) / len(benign),
-            "sensitive_flagged": sum(s >= threshold for s in sensitive) / len(sensitive),
+            "flagged": share_at(harmful, threshold), "benign_flagged": share_at(benign, threshold),
+            "sensitive_flagged": share_at(sensitive, threshold),
             "recall_by_category": {c: sum(v) / len(v) for c, v in sorted(by_category.items())}})
     numbers = [k for k, v in per_seed[0].items() if isinstance(v, float)]
     mean = {k: statistics.mean(r[k] for r in per_seed) for k in numbers}
@@ -120,10 +125,12 @@ def main(argv=None) -> int:
     kept_clear = splits["val"] + splits["test_ordinary"] + splits["test_overrefusal"]
     rows = {"built-in train split": row(backbone, options, splits, states, [], args.seeds)}
     for spec in args.add:
-        rendered = render([Path(p) for p in spec.split("+")])
+        paths = [Path(p) for p in spec.split("+")]
+        rendered = render(paths)
         added = unseen(rendered, kept_clear)
-        rows["+ " + "+".join(Path(p).stem for p in spec.split("+"))] = {**row(backbone, options, splits, states, added, args.seeds),
-                             "dropped_near_copies": len(rendered) - len(added)}
+        rows["+ " + "+".join(p.stem for p in paths)] = {
+            **row(backbone, options, splits, states, added, args.seeds),
+            "dropped_near_copies": len(rendered) - len(added)}
     for name, r in rows.items():
         m = r["mean"]
         print(f"{name} (+{r['added']}): val AUROC {m['val_auroc']:.4f} TPR@1% "

@@ -245,8 +245,13 @@ def load_guardmeter() -> list[dict]:
 HARMFUL_FILE = Path(__file__).with_name("harmful_prompts.json")
 
 
-def _casa_written(path: Path = HARMFUL_FILE) -> list[dict]:
-    """Both sides of ``harmful_prompts.json`` as records (harmful and benign interleaved).
+def _casa_written() -> list[dict]:
+    """Both sides of ``harmful_prompts.json`` as records (harmful and benign interleaved)."""
+    return render_written(json.loads(HARMFUL_FILE.read_text(encoding="utf-8")))
+
+
+def render_written(data: dict) -> list[dict]:
+    """Prompts written in ``harmful_prompts.json``'s schema (``data``) as records.
 
     An *action* ("make meth", counterpart "make meringue") is rendered through one question
     and one command framing of its kind (how-to, code, persuasive content), picked by
@@ -256,7 +261,6 @@ def _casa_written(path: Path = HARMFUL_FILE) -> list[dict]:
     groups them, nothing is merged (one per label, form and ``variant``), no form rewrite is
     needed, and the split keeps the minimal pair on one side. A handwritten
     line is one prompt in one style; its counterpart (same style) shares its ``pair`` key."""
-    data = json.loads(path.read_text(encoding="utf-8"))
     to_taxonomy = data["category_map"]
     out: list[dict] = []
 
