@@ -36,8 +36,9 @@ def forward_operand(Q: torch.Tensor, V: torch.Tensor, dtype: torch.dtype,
     """The forward kernel's one operand QV (d, 2 HALVES block_k) in H's dtype: column
     (2k + i) HALVES + j is head k's q (i = 0) or v (i = 1), its hi (j = 0) or lo (j = 1)
     half, so one dot of an H tile against QV gives scores and values to about 16 mantissa
-    bits (float32 H: tf32 halves, 22 bits). Built on the device, no host sync; reused while
-    Q and V are unchanged (`_OPERANDS`)."""
+    bits (float32 H: tf32 halves, 22 bits, and stored transposed, (2 HALVES block_k, d), as
+    the tf32 tensor cores read their second operand: along d). Built on the device, no host
+    sync; reused while Q and V are unchanged (`_OPERANDS`)."""
     key = (id(Q), id(V), dtype, block_k)
     kept = _OPERANDS.get(key)
     if kept is not None:
@@ -67,7 +68,8 @@ def _build_operand(Q: torch.Tensor, V: torch.Tensor, dtype: torch.dtype,
         columns += [hi, narrow(weights - hi.float())]
     QV = torch.zeros(block_k, d, len(columns), dtype=dtype, device=Q.device)
     QV[:K] = torch.stack(columns, dim=-1)
-    return QV.permute(1, 0, 2).reshape(d, len(columns) * block_k)
+    QV = QV.permute(1, 0, 2).reshape(d, len(columns) * block_k)
+    return QV.t().contiguous() if dtype == torch.float32 else QV
 
 
 def _round_to_tf32(x: torch.Tensor) -> torch.Tensor:

@@ -91,20 +91,23 @@ def plan_launch(rows: int, max_len: int, d: int, K: int, dtype: torch.dtype,
     (safety_fwd_partial_kernel). Parts of at most 1/8 of H's bytes keep that detour cheap.
     Tiles, the sizes that compile for sm_90 without register spills (3 stages) at the fewest
     SASS instructions per byte of H (benchmarks/kernel_sass_report.py): 64 tokens x 128
-    features of 16-bit H per d step, 128 x 32 of float32 H (its hi/lo split takes registers;
-    the taller tile halves the Q/V operand's share of each step); always on four warps. A
-    16-token tile (tuning only) runs on one warp: four would share its 16 rows.
+    features of 16-bit H per d step, 256 x 16 of float32 H (its hi/lo split takes registers;
+    the tall tile shrinks the Q/V operand's share of each step); always on four warps. A
+    16-token tile (tuning only) runs on one warp: four would share its 16 rows. Float32 H
+    with more than 4 heads never splits d: its partials kernel takes 0.055-0.059
+    instructions a byte at every tile that compiles without spills.
     """
     want = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), rows)  # programs wanted per row
-    block_d = _check_block("block_d", tuning.block_d or (32 if dtype == torch.float32 else 128))
-    block_t = _check_block("block_t", tuning.block_t or (128 if dtype == torch.float32 else 64))
+    fp32 = dtype == torch.float32
+    block_t = _check_block("block_t", tuning.block_t or (256 if fp32 else 64))
+    block_d = _check_block("block_d", tuning.block_d or (16 if fp32 else 128))
     tiles = triton.cdiv(max_len, block_t)
     splits = min(max(tuning.splits or want, 1), tiles)
     chunk = triton.cdiv(tiles, splits) * block_t
     splits = triton.cdiv(max_len, chunk)
     d_blocks = triton.cdiv(d, block_d)
     cheap = max(d * dtype.itemsize // (8 * 2 * K * 4), 1)  # float32 s and v per part and token
-    fill = triton.cdiv(want, tiles) if tiles < want else 1  # token tiles alone fall short
+    fill = triton.cdiv(want, tiles) if tiles < want and not (fp32 and K > 4) else 1
     d_splits = min(max(tuning.d_splits or min(fill, cheap), 1), d_blocks)
     d_chunk = triton.cdiv(d_blocks, d_splits) * block_d
     return LaunchPlan(block_t, block_d, splits, chunk, triton.cdiv(d, d_chunk), d_chunk,
@@ -251,7 +254,9 @@ def _forward(H, mask, cu_seqlens, Q, V, b, token_out, gate, return_weights: bool
     safety_fwd_kernel[(lay.rows, plan.splits)](
         *h_args, psv, plane, plan.d_splits, b, tok, *sv, pm, pl, pa, plast, *outs, state_out,
         lay.T, d, plan.chunk, math.log2(math.e) / math.sqrt(d), FROM_PARTIALS=from_partials,
-        STORE_SV=store_sv, SINGLE=single, **streaming, **flags)
+        STORE_SV=store_sv, SINGLE=single, **streaming,
+        # from partials no QV is read: heads tile as K alone (K = 1 loaded 4 lanes for 1)
+        **dict(flags, BLOCK_K=triton.next_power_of_2(K) if from_partials else block_k))
     if not single:
         # The combine reads h_last and the two token rows in one wide step (two at d > 4096)
         # rather than a serial chain of 128-feature loads on the path to the verdict.
@@ -273,10 +278,13 @@ def _backward_qv(H, cu_seqlens, fwd_plan: LaunchPlan, max_len: int, tuning: Tuni
     rows, K = lse.shape
     d = H.shape[-1]
     packed = cu_seqlens is not None
-    d_blocks = triton.cdiv(d, fwd_plan.block_d)
     # At most 64 tokens a tile: the backward holds two float32 coefficient tiles besides H
     # (128 float32 tokens take all 255 registers on sm_90, 64 take 176).
     block_t = min(fwd_plan.block_t, 64)
+    # and at least 32 features: float32's 16-feature forward tile took 0.66-0.79 instructions
+    # a byte here, against 0.39-0.45 at 32
+    block_d = max(fwd_plan.block_d, 32)
+    d_blocks = triton.cdiv(d, block_d)
     # The grid already spans d blocks x rows; split T only as far as needed to fill the GPU.
     want = tuning.splits or triton.cdiv(PROGRAMS_PER_SM * _sm_count(H.device), rows * d_blocks)
     tiles = triton.cdiv(max_len, block_t)
@@ -288,7 +296,7 @@ def _backward_qv(H, cu_seqlens, fwd_plan: LaunchPlan, max_len: int, tuning: Tuni
         cu_seqlens if packed else lse,  # lse stands in for the offsets the padded variant ignores
         scores, values, lse, r, dz.float().contiguous(), slabs,
         H.shape[0] if packed else H.shape[1], d, chunk, 1.0 / math.sqrt(d),
-        K=K, BLOCK_K=BLOCK_K, BLOCK_T=block_t, BLOCK_D=fwd_plan.block_d,
+        K=K, BLOCK_K=BLOCK_K, BLOCK_T=block_t, BLOCK_D=block_d,
         PACKED=packed, num_warps=4, num_stages=2)
     dq, dv = slabs.sum(0).unbind(0)
     return dq, dv

@@ -21,7 +21,8 @@ backward coefficients) is split into two 16-bit halves, hi + lo, so it keeps abo
 mantissa (float32 H: tf32 halves). In the forward the launcher does the split once per call
 (forward_operand.py): Q and V become one operand QV (d, 4 BLOCK_K) in H's dtype, columns
 [q_hi, q_lo, v_hi, v_lo] per head, so each d step is one load of H, one load of QV and ONE dot
-(float32 H: two, on its own tf32 hi and lo), and the halves are summed once per token tile
+(float32 H: two, on its own tf32 hi and lo, against QV stored transposed, d contiguous, the
+only order a tf32 wgmma reads), and the halves are summed once per token tile
 (`_scores_and_values`). The backward's float32 H uses tf32x3, the same idea done by the
 compiler.
 
@@ -129,17 +130,25 @@ def _tile_projections(h_tile, stride_ht, QV, valid, d_begin, d_end, d,
                       BLOCK_K: tl.constexpr, HALVES: tl.constexpr, BLOCK_T: tl.constexpr,
                       BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
     """(H.Q, H.V), each (BLOCK_T, BLOCK_K), of one token tile over features [d_begin, d_end):
-    per d step one load of H, one of the launcher's QV operand (d, 2 HALVES BLOCK_K; see the
-    module notes) and one dot."""
+    per d step one load of H, one of the launcher's QV operand (d, 2 HALVES BLOCK_K, or its
+    transpose for float32 H; see the module notes) and one dot."""
     offs_n = tl.arange(0, 2 * HALVES * BLOCK_K)
     offs_dd = tl.arange(0, BLOCK_D)
     # Offsets within one tile, 32-bit (a tile spans BLOCK_T tokens; the launcher copies an H
     # whose token stride could overflow them); the d step moves scalar 64-bit pointers
     # instead, so the loop's per-element integer work is one add.
     h_offs = tl.arange(0, BLOCK_T)[:, None] * stride_ht + offs_dd[None, :]
-    w_offs = offs_dd[:, None] * (2 * HALVES * BLOCK_K) + offs_n[None, :]
     h_step = h_tile + d_begin
-    w_step = QV + (tl.zeros([], tl.int64) + d_begin) * (2 * HALVES * BLOCK_K)
+    if h_tile.dtype.element_ty == tl.float32:
+        # QV^T: the tf32 wgmma reads its B operand K-major only; stored (d, N), each of its
+        # elements was one 4-byte load a step, where d-contiguous rows load 16 bytes at once
+        w_offs = offs_n[None, :] * d + offs_dd[:, None]
+        w_step = QV + (tl.zeros([], tl.int64) + d_begin)
+        w_advance = BLOCK_D
+    else:
+        w_offs = offs_dd[:, None] * (2 * HALVES * BLOCK_K) + offs_n[None, :]
+        w_step = QV + (tl.zeros([], tl.int64) + d_begin) * (2 * HALVES * BLOCK_K)
+        w_advance = BLOCK_D * 2 * HALVES * BLOCK_K
     acc = tl.zeros([BLOCK_T, 2 * HALVES * BLOCK_K], tl.float32)
     for d0 in range(d_begin, d_end, BLOCK_D):
         # Padding tokens are never read: a masked-off lane issues no memory traffic, and
@@ -161,7 +170,7 @@ def _tile_projections(h_tile, stride_ht, QV, valid, d_begin, d_end, d,
         else:
             acc = tl.dot(h, w, acc)
         h_step += BLOCK_D
-        w_step += BLOCK_D * 2 * HALVES * BLOCK_K
+        w_step += w_advance
     return _scores_and_values(acc, BLOCK_T, BLOCK_K, HALVES)
 
 

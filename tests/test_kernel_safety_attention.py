@@ -112,9 +112,9 @@ def assert_close(actual, expected, tol):
 # gates, T in {1, 7, 128, 1000, 4099}, d in {64, 256, 576, 1000}, K in {1, 4, 5, 8, 16},
 # and the d-split forward that short prompts take on a GPU
 # (the forward's head tiles of 4, 8 and 16: its one Q/V operand is 16, 32 or 64 columns
-# wide for 16-bit H, 16 or 32 for float32).
+# wide, 4 columns a head).
 HEAD_CASES = [
-    pytest.param(1, 1, 64, 1, FP32, "log", None, False, {}, id="T1-single-fp32"),
+    pytest.param(1, 1, 100, 1, FP32, "log", None, False, {}, id="T1-single-dtail-fp32"),
     pytest.param(4, 1, 1000, 8, BF16, "multiply", None, False, {}, id="T1-batch-dtail-bf16"),
     pytest.param(3, 7, 576, 4, FP16, "log", [7, 3, 1], True, {}, id="T7-left-fp16"),
     pytest.param(3, 7, 64, 8, BF16, "log", [5, 7, 2], False, {}, id="T7-right-bf16"),
@@ -132,13 +132,15 @@ HEAD_CASES = [
                  id="K16-split-fp16"),
     pytest.param(1, 33, 64, 16, FP32, "log", None, False, {}, id="K16-single-fp32"),
     # the d-split forward (partial scores and values over d, then their sum and the softmax):
-    # one chunk per row, chunks + combine, a d tail, K of 5 and 16
+    # one chunk per row, chunks + combine, a d tail, K of 1, 5 and 16
     pytest.param(2, 70, 1000, 4, BF16, "log", [70, 33], True, dict(d_splits=3),
                  id="dsplit-left-dtail-bf16"),
     pytest.param(2, 130, 256, 5, FP16, "multiply", [130, 20], False, dict(d_splits=2, splits=3),
                  id="dsplit-split-even-d-fp16"),
     pytest.param(1, 33, 64, 16, FP32, "log", None, False, dict(d_splits=2, block_d=32),
                  id="dsplit-K16-fp32"),
+    pytest.param(2, 300, 256, 1, FP32, "multiply", [300, 90], True, dict(d_splits=4),
+                 id="dsplit-K1-left-fp32"),  # the sum of partials tiles one head as 1, not 4
 ]
 
 
@@ -488,8 +490,9 @@ def test_h_may_be_a_view_with_a_wide_token_stride(monkeypatch, limit):
 
 def test_launch_plan_splits_d_only_when_token_chunks_cannot_fill_the_gpu(monkeypatch):
     """The planner on a 132-SM GPU (H100/H200): B=1, T=512 fills it by splitting d as well as
-    T; a long batch is split along T only; tiles are 64 tokens (128 of float32 H) whatever
-    the length; and the d parts cover d exactly, each with at least one d step."""
+    T; a long batch is split along T only; tiles are 64 x 128 (256 x 16 of float32 H)
+    whatever the length; float32 with more than 4 heads never splits d; and the d parts
+    cover d exactly, each with at least one d step."""
     monkeypatch.setattr(launcher, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
     small = launcher.plan_launch(1, 512, 4096, 4, BF16, cuda)
@@ -501,10 +504,15 @@ def test_launch_plan_splits_d_only_when_token_chunks_cannot_fill_the_gpu(monkeyp
     assert launcher.plan_launch(1, 512, 576, 16, BF16, cuda).d_splits == 1
     # K=4 allows 4 parts; 5 steps of 128 features make 3 parts of 2, 2 and 1 steps
     assert launcher.plan_launch(1, 512, 576, 4, BF16, cuda).d_splits == 3
-    for rows, T, d, dtype in [(1, 1, 4096, BF16), (1, 20, 1000, FP32), (32, 512, 8192, FP16),
-                              (1, 16384, 4096, BF16), (3, 700, 576, FP32)]:
-        plan = launcher.plan_launch(rows, T, d, 4, dtype, cuda)
-        assert plan.block_t == (128 if dtype == FP32 else 64) and plan.num_warps == 4
+    # float32: d is split for up to 4 heads only
+    assert launcher.plan_launch(1, 512, 4096, 4, FP32, cuda).d_splits > 1
+    assert launcher.plan_launch(1, 512, 4096, 8, FP32, cuda).d_splits == 1
+    for rows, T, d, K, dtype in [(1, 1, 4096, 4, BF16), (1, 20, 1000, 4, FP32),
+                                 (32, 512, 8192, 16, FP16), (1, 16384, 4096, 4, BF16),
+                                 (3, 700, 576, 8, FP32), (2, 9000, 4096, 16, FP32)]:
+        plan = launcher.plan_launch(rows, T, d, K, dtype, cuda)
+        tile = (256, 16) if dtype == FP32 else (64, 128)
+        assert (plan.block_t, plan.block_d) == tile and plan.num_warps == 4
         assert plan.d_chunk % plan.block_d == 0
         assert (plan.d_splits - 1) * plan.d_chunk < d <= plan.d_splits * plan.d_chunk
         assert (plan.splits - 1) * plan.chunk < T <= plan.splits * plan.chunk
