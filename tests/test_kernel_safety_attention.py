@@ -141,6 +141,12 @@ HEAD_CASES = [
                  id="dsplit-K16-fp32"),
     pytest.param(2, 300, 256, 1, FP32, "multiply", [300, 90], True, dict(d_splits=4),
                  id="dsplit-K1-left-fp32"),  # the sum of partials tiles one head as 1, not 4
+    # the plans a 132-SM GPU picks at B=1, T=512, d=4096 (plan_launch, forced here: the
+    # interpreter counts one SM): 256 programs of 64 x 128 (bf16), 128 of 256 x 16 (float32)
+    pytest.param(1, 512, 4096, 4, BF16, "log", None, False,
+                 dict(block_t=64, block_d=128, splits=8, d_splits=32), id="gpu-plan-T512-bf16"),
+    pytest.param(1, 512, 4096, 4, FP32, "log", None, False,
+                 dict(block_t=256, block_d=16, splits=2, d_splits=64), id="gpu-plan-T512-fp32"),
 ]
 
 
