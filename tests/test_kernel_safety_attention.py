@@ -109,7 +109,8 @@ def assert_close(actual, expected, tol):
 # (B, T, d, K, dtype, gate, lengths, left padding, launch overrides): chosen to reach every
 # dispatch path -- single launch (one program per row) and split + combine, with token-tile
 # and d-tile tails (and d a multiple of the d tile: EVEN_D) -- and every dtype with both
-# gates, T in {1, 7, 128, 1000, 4099}, d in {64, 256, 576, 1000}, K in {1, 4, 5, 8, 16},
+# gates, T in {1, 7, 33, 45, 70, 128, 130, 300, 512, 1000, 4099}, d in {64, 100, 256, 576, 1000,
+# 4096}, K in {1, 4, 5, 8, 16},
 # and the d-split forward that short prompts take on a GPU
 # (the forward's head tiles of 4, 8 and 16: its one Q/V operand is 16, 32 or 64 columns
 # wide, 4 columns a head).
