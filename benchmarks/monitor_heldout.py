@@ -98,11 +98,12 @@ def main() -> None:
                             "answered": not is_refusal(answer), "stopped_at": stopped,
                             "p_unsafe_max": watched.monitor["p_unsafe_max"], "answer": answer})
             advance(1)
+    threshold = casa.response_judge()[1]
     summary = {"model": casa.backbone.source, "adapter": casa.adapter_name, "split": args.split,
                "excluded": [str(p) for p in args.exclude], "observe": args.observe,
                "response_head": casa.response is not None,
-               "threshold": casa.response_judge()[1], "max_new_tokens": args.max_new_tokens,
-               **summarise(records, ([casa.response_judge()[1]] if args.observe else []) + args.at)}
+               "threshold": threshold, "max_new_tokens": args.max_new_tokens,
+               **summarise(records, ([threshold] if args.observe else []) + args.at)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

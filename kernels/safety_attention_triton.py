@@ -143,12 +143,11 @@ def _tile_projections(h_tile, stride_ht, QV, valid, d_begin, d_end, d,
         # QV^T: the tf32 wgmma reads its B operand K-major only; stored (d, N), each of its
         # elements was one 4-byte load a step, where d-contiguous rows load 16 bytes at once
         w_offs = offs_n[None, :] * d + offs_dd[:, None]
-        w_step = QV + (tl.zeros([], tl.int64) + d_begin)
-        w_advance = BLOCK_D
+        w_feature = 1  # QV's elements from one feature to the next
     else:
         w_offs = offs_dd[:, None] * (2 * HALVES * BLOCK_K) + offs_n[None, :]
-        w_step = QV + (tl.zeros([], tl.int64) + d_begin) * (2 * HALVES * BLOCK_K)
-        w_advance = BLOCK_D * 2 * HALVES * BLOCK_K
+        w_feature = 2 * HALVES * BLOCK_K
+    w_step = QV + (tl.zeros([], tl.int64) + d_begin) * w_feature
     acc = tl.zeros([BLOCK_T, 2 * HALVES * BLOCK_K], tl.float32)
     for d0 in range(d_begin, d_end, BLOCK_D):
         # Padding tokens are never read: a masked-off lane issues no memory traffic, and
@@ -170,7 +169,7 @@ def _tile_projections(h_tile, stride_ht, QV, valid, d_begin, d_end, d,
         else:
             acc = tl.dot(h, w, acc)
         h_step += BLOCK_D
-        w_step += w_advance
+        w_step += BLOCK_D * w_feature
     return _scores_and_values(acc, BLOCK_T, BLOCK_K, HALVES)
 
 
