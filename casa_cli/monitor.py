@@ -10,8 +10,8 @@ answer so far is checked against the threshold every `every` tokens and at the a
 end; the state grows at every token regardless. Checks are spaced because each one reads
 p_unsafe back to the host (a device sync).
 
-The monitor reuses the adapter's own head and threshold, which were fitted on prompts; a
-head trained on responses is future work (issue 17).
+The monitor reads the adapter's response head at its threshold (`Casa.response_judge`:
+a head trained on (prompt, response) records); an adapter without one lends its prompt head.
 """
 from __future__ import annotations
 

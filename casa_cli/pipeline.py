@@ -190,8 +190,8 @@ class Casa:
         A sample with a `response` is scored as the (prompt, response) pair, in one prefill:
         the head attends over the chat-formatted prompt and the assistant turn holding the
         response, h_last its last token (what `generate --monitor` has computed when an
-        answer ends). Until a head is trained on responses (issue 17), that verdict uses the
-        prompt head and its threshold. Pairs and prompts share batches; each record's
+        answer ends). The adapter's response head judges it at its own threshold (the prompt
+        head, for an adapter without one). Pairs and prompts share batches; each record's
         `scored` ("prompt" or "response") says which it is."""
         if threshold is not None:
             check_threshold(threshold)
