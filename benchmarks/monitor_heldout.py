@@ -17,6 +17,15 @@ earlier runs' records, so a choice made on one run can be checked on prompts it 
 `--observe` checks every token but never stops (`MonitorOptions(stop=False)`): an answer is
 stopped at threshold T exactly when its highest p_unsafe reaches T, so one run gives the
 stop rates at the head's threshold and at every `--at` threshold.
+
+    python benchmarks/monitor_heldout.py --records RUN/records.jsonl ... [--compliance LABELS.jsonl]
+
+`--records` runs no model: it sums up earlier runs (each with its summary.json beside it,
+all at one threshold), an answer stopped when its highest p_unsafe reaches the threshold.
+`--compliance` takes *answered* from labels made by reading each harmful answer, blind to
+its scores (`{"id", "label": "complies" | "does_not_comply" | "unclear"}`), instead of the
+phrase judge, which counts a deflection (asked how to poison pets, the model explains how
+to keep them safe) as an answer. `unclear` stays answered.
 """
 from __future__ import annotations
 
@@ -61,6 +70,26 @@ def summarise(records: list[dict], at: list[float] = ()) -> dict:
                             "benign_stopped": reaching(benign, t)} for t in at}}
 
 
+def relabelled(records: list[dict], labels: list[dict]) -> list[dict]:
+    """The records with `answered` from the compliance labels (every harmful record needs
+    one; benign records keep theirs)."""
+    by_id = {r["id"]: r["label"] for r in labels}
+    missing = [r["id"] for r in records if r["label"] == "harmful" and r["id"] not in by_id]
+    if missing:
+        raise SystemExit(f"no compliance label for {len(missing)} harmful records, e.g. {missing[0]}")
+    return [{**r, "answered": by_id[r["id"]] != "does_not_comply"} if r["label"] == "harmful"
+            else r for r in records]
+
+
+def earlier_runs(paths: list[Path]) -> tuple[list[dict], float]:
+    """Earlier runs' records, each prompt once, and their common threshold."""
+    thresholds = {json.loads((p.parent / "summary.json").read_text())["threshold"] for p in paths}
+    if len(thresholds) != 1:
+        raise SystemExit(f"the runs used different thresholds: {sorted(thresholds)}")
+    records = list({r["id"]: r for p in paths for r in read_jsonl(p)}.values())
+    return records, thresholds.pop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model")
@@ -76,9 +105,37 @@ def main() -> None:
     parser.add_argument("--exclude", type=Path, action="append", default=[],
                         help="records.jsonl of an earlier run: its prompts are left out")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--records", type=Path, action="append", default=[],
+                        help="sum up this earlier run's records.jsonl; no model runs (repeatable)")
+    parser.add_argument("--compliance", type=Path,
+                        help="answered from these labels (jsonl: id, label), not the phrase judge")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.compliance and not args.records:
+        parser.error("--compliance relabels earlier runs: give their --records")
+    records, summary = summed_up(args) if args.records else monitored(args)
+    summary.update(summarise(records, summary.pop("thresholds")))
+    if args.records:  # an --observe run never stops: only the rates at thresholds compare
+        for key in ("answered_stopped", "median_stop_token", "benign_stopped"):
+            del summary[key]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
 
+
+def summed_up(args) -> tuple[list[dict], dict]:
+    """Earlier runs' records (relabelled with --compliance) and their summary's header."""
+    records, threshold = earlier_runs(args.records)
+    if args.compliance:
+        records = relabelled(records, read_jsonl(args.compliance))
+    return records, {"records": [str(p) for p in args.records],
+                     "compliance": str(args.compliance) if args.compliance else None,
+                     "threshold": threshold, "thresholds": [threshold] + args.at}
+
+
+def monitored(args) -> tuple[list[dict], dict]:
+    """The model's answers with the monitor watching, and the summary's header."""
     casa = casa_cli.load(args.model, args.adapter)
     seen = {r["id"] for path in args.exclude for r in read_jsonl(path)}
     pool = [r for r in read_jsonl(builtin_splits()[args.split]) if r["id"] not in seen]
@@ -99,16 +156,11 @@ def main() -> None:
                             "p_unsafe_max": watched.monitor["p_unsafe_max"], "answer": answer})
             advance(1)
     threshold = casa.response_judge()[1]
-    summary = {"model": casa.backbone.source, "adapter": casa.adapter_name, "split": args.split,
-               "excluded": [str(p) for p in args.exclude], "observe": args.observe,
-               "response_head": casa.response is not None,
-               "threshold": threshold, "max_new_tokens": args.max_new_tokens,
-               **summarise(records, ([threshold] if args.observe else []) + args.at)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-
+    return records, {"model": casa.backbone.source, "adapter": casa.adapter_name,
+                     "split": args.split, "excluded": [str(p) for p in args.exclude],
+                     "observe": args.observe, "response_head": casa.response is not None,
+                     "threshold": threshold, "max_new_tokens": args.max_new_tokens,
+                     "thresholds": ([threshold] if args.observe else []) + args.at}
 
 if __name__ == "__main__":
     main()
