@@ -83,6 +83,9 @@ def relabelled(records: list[dict], labels: list[dict]) -> list[dict]:
 
 def earlier_runs(paths: list[Path]) -> tuple[list[dict], float]:
     """Earlier runs' records, each prompt once, and their common threshold."""
+    missing = [str(p.parent / "summary.json") for p in paths if not (p.parent / "summary.json").is_file()]
+    if missing:
+        raise SystemExit(f"no summary.json beside the records: {missing[0]}")
     thresholds = {json.loads((p.parent / "summary.json").read_text())["threshold"] for p in paths}
     if len(thresholds) != 1:
         raise SystemExit(f"the runs used different thresholds: {sorted(thresholds)}")

@@ -67,3 +67,6 @@ def test_earlier_runs_are_summed_once_per_prompt_at_their_common_threshold(tmp_p
     assert threshold == 0.9 and sorted(r["id"] for r in records) == ["x", "y", "z"]
     with pytest.raises(SystemExit, match="different thresholds"):
         script.earlier_runs([run("c", 0.9, ["x"]), run("d", 0.8, ["x"])])
+    (tmp_path / "c" / "summary.json").unlink()
+    with pytest.raises(SystemExit, match="no summary.json beside the records"):
+        script.earlier_runs([tmp_path / "c" / "records.jsonl"])
