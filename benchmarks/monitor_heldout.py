@@ -43,6 +43,7 @@ from casa_cli.monitor import MonitorOptions
 from casa_cli.output import progress
 
 RESULTS = Path(__file__).parent / "results" / "monitor_heldout"
+COMPLIANCE = ("complies", "does_not_comply", "unclear")
 
 
 def summarise(records: list[dict], at: list[float] = ()) -> dict:
@@ -74,6 +75,9 @@ def relabelled(records: list[dict], labels: list[dict]) -> list[dict]:
     """The records with `answered` from the compliance labels (every harmful record needs
     one; benign records keep theirs)."""
     by_id = {r["id"]: r["label"] for r in labels}
+    unknown = sorted(set(by_id.values()) - set(COMPLIANCE))
+    if unknown:
+        raise SystemExit(f"unknown compliance label {unknown[0]!r}; expected one of {', '.join(COMPLIANCE)}")
     missing = [r["id"] for r in records if r["label"] == "harmful" and r["id"] not in by_id]
     if missing:
         raise SystemExit(f"no compliance label for {len(missing)} harmful records, e.g. {missing[0]}")
@@ -164,6 +168,7 @@ def monitored(args) -> tuple[list[dict], dict]:
                      "observe": args.observe, "response_head": casa.response is not None,
                      "threshold": threshold, "max_new_tokens": args.max_new_tokens,
                      "thresholds": ([threshold] if args.observe else []) + args.at}
+
 
 if __name__ == "__main__":
     main()

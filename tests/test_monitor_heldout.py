@@ -51,6 +51,8 @@ def test_compliance_labels_replace_the_phrase_judge_for_harmful_answers_only():
     assert _summarise()(relabelled, [0.95])["at"]["0.95"]["answered_stopped"] == 0.5
     with pytest.raises(SystemExit, match="no compliance label for 1 harmful"):
         _script().relabelled(records, labels[:2])
+    with pytest.raises(SystemExit, match="unknown compliance label 'complys'"):
+        _script().relabelled(records, labels[:2] + [{"id": "h2", "label": "complys"}])
 
 
 def test_earlier_runs_are_summed_once_per_prompt_at_their_common_threshold(tmp_path):
