@@ -38,8 +38,16 @@ import torch.nn.functional as F
 
 from casa_cli.speech_model import AUDIO_MARKERS
 
-TRAIN_VOICES = ["en-us", "en-gb", "en-gb-x-rp", "en-gb-scotland", "en-029"]
-TRAIN_VARIANTS = ["", "+m3", "+f2", "+f4", "+m7"]
+TRAIN_VOICES = ["en-us", "en-gb", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-gb-x-gbclan"]
+# espeak-ng's human-sounding variants (pitch, formants, breath, Klatt synthesis), the test
+# variants left out; the robots, whispers and croaks too.
+TRAIN_VARIANTS = ["", *(f"+{v}" for v in [
+    "m1", "m3", "m4", "m5", "m6", "m7", "m8", "f2", "f3", "f4", "f5", "klatt", "klatt2",
+    "klatt3", "klatt4", "klatt5", "klatt6", "adam", "Alex", "Alicia", "Andrea", "Andy", "Annie",
+    "aunty", "belinda", "benjamin", "caleb", "david", "Denis", "ed", "edward", "Gene",
+    "grandma", "grandpa", "Hugo", "iven", "john", "Lee", "linda", "max", "michel", "Mike",
+    "norbert", "paul", "quincy", "rob", "robert", "sandro", "shelby", "steph", "travis",
+    "victor", "zac"])]
 TEST_VOICES = ["en-us-nyc", "en-gb-x-gbcwmd"]
 TEST_VARIANTS = ["+f1", "+m2"]
 REPEAT = "Repeat this sentence exactly:"
