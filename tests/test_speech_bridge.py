@@ -148,3 +148,12 @@ def test_the_spoken_capital_question_is_not_trained_on(tmp_path, monkeypatch):
              if len(t.split()) <= 16 and t.isascii()]
     assert extra[:len(first)] == first
     assert not set(train + extra) & set(test)
+
+
+def test_settle_stages_parse_and_a_bad_one_is_a_one_line_usage_error(capsys):
+    from casa_cli.speech_bridge import main, settle_step
+    assert settle_step("10:1") == (10.0, 1.0) and settle_step("0:0") == (0.0, 0.0)
+    with pytest.raises(SystemExit) as stop:
+        main(["--out", "unused", "--settle", "ten"])
+    assert stop.value.code == 2
+    assert "'ten': expected MINUTES:PULL" in capsys.readouterr().err.strip().splitlines()[-1]
