@@ -46,8 +46,8 @@ test: setup
 # the built-in training prompts and general statements in several voices, speeds and noise
 # levels; Whisper tiny.en's lower encoder layers are cached; the upper layers and the
 # projector learn, by CTC against SmolLM2's own input embeddings and a pull that rises at the
-# end, to put each spoken token where its typed embedding is (casa_cli/speech_bridge.py; word error rates on held-out
-# voices and sources in build/speech-bridge/summary.json).
+# end, to put each spoken token where its typed embedding is (casa_cli/speech_bridge.py;
+# word error rates on held-out voices and sources in build/speech-bridge/summary.json).
 speech-model: setup
 	@command -v espeak-ng >/dev/null 2>&1 || { echo "make speech-model needs espeak-ng (Debian: apt-get install espeak-ng)" >&2; exit 1; }
 	HF_HUB_OFFLINE=1 $(BIN)/python -m casa_cli.speech_bridge --out build/speech-bridge

@@ -14,9 +14,10 @@ of the transcripts' tokens (`prototype_logits`; the blank is the bare space toke
 SmolLM2 reads past): first the projector alone, then with the upper layers, frames pulled
 onto the embedding of the token each takes on the best path that spells the transcript
 (`ctc_alignment`), harder at each `SETTLE` step until they sit on the embeddings. The
-language model never runs in training, which is what makes it fit 2 CPU cores. Reported: the frames' reading (nearest token per frame), the word error rate
-of the language model asked to repeat the speech beside the same for the typed text, and
-its answer to a spoken "What is the capital of France?" in a held-out voice.
+language model never runs in training, which is what makes it fit 2 CPU cores. Reported:
+the frames' reading (nearest token per frame), the word error rate of the language model
+asked to repeat the speech beside the same for the typed text, and its answer to a spoken
+"What is the capital of France?" in a held-out voice.
 """
 from __future__ import annotations
 
