@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     from safetensors.torch import load_file
 
     import casa_cli
+    from casa_cli.cache import portable_path
     from casa_cli.pipeline import default_adapter_dir
     from casa_cli.speech_model import assemble_speech_model
 
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
         "text": summary(labels, [r["p_text"] for r in rows], threshold),
         "bag_of_words_transcripts": summary(labels, bag_scores, 0.5),
         "seconds": round(time.time() - t0),
-        "adapter": adapter,
+        "adapter": portable_path(adapter),
         "command": f"python benchmarks/spoken_detection.py --bridge {args.bridge}"
                    + (f" --adapter {args.adapter}" if args.adapter else "")
                    + (f" --limit {args.limit}" if args.limit else ""),

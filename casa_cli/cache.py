@@ -13,6 +13,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CASA_CACHE_DIR", Path.home() / ".cache" / "casa"))
 
 
+def portable_path(path: str | Path) -> str:
+    """A path as casa records it in files that travel (adapter metadata, results): inside
+    casa's cache as `$CASA_CACHE_DIR/...`, inside casa's own install (its shipped adapters)
+    relative to it, anything else as given, so no record names one machine's folders."""
+    resolved = Path(path).resolve()
+    for base, shown in ((cache_dir().resolve(), "$CASA_CACHE_DIR"),
+                        (Path(__file__).resolve().parent.parent, None)):
+        if resolved.is_relative_to(base):
+            rest = resolved.relative_to(base).as_posix()
+            return f"{shown}/{rest}" if shown else rest
+    return str(path)
+
+
 def default_model_folder() -> Path:
     """The embedded default model as safetensors, converted from its GGUF on first use.
     Its key is fixed: the GGUF ships inside a pinned registry package."""

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator
 from casa_cli import training, vsfa
 from casa_cli.adapter import Adapter
 from casa_cli.backbone import load_backbone
+from casa_cli.cache import portable_path
 from casa_cli.data.assemble import builtin_splits, limit_per_label
 from casa_cli.decoding import check_defense, default_defense
 from casa_cli.distributed import Shard, World
@@ -43,8 +44,9 @@ def train(model: str | None = None, data: Paths | None = None, val: Paths | None
     per label, and the same share of each label from `val` and `heldout`. The data are read
     before the model loads, so a malformed line fails at once."""
     data, val, heldout = list(data or []), list(val or []), list(heldout or [])
-    source: dict = {"source": "files", "data": [str(p) for p in data],
-                    "val": [str(p) for p in val], "heldout": [str(p) for p in heldout]}
+    source: dict = {"source": "files", "data": [portable_path(p) for p in data],
+                    "val": [portable_path(p) for p in val],
+                    "heldout": [portable_path(p) for p in heldout]}
     if not data:
         builtin = builtin_splits()
         data, val = [builtin["train"]], val or [builtin["val"]]

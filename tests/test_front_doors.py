@@ -99,3 +99,14 @@ def test_evaluate_refuses_bad_requests(tiny_model, tmp_path):
     with pytest.raises(NotAnImageModel, match="takes no images"):
         casa_cli.evaluate(tmp_path / "out", str(tiny_model("llama")), manifest=manifest,
                           render="figstep", max_new_tokens=3)
+
+
+def test_recorded_paths_name_no_machine_folders(tmp_path):
+    """Adapter metadata and results record files in casa's cache from $CASA_CACHE_DIR and
+    casa's own files relative to its install; anything else as the user gave it."""
+    from casa_cli.cache import portable_path
+    from casa_cli.pipeline import default_adapter_dir
+    cached = tmp_path / "cache" / "data" / "v1" / "train.jsonl"
+    assert portable_path(cached) == "$CASA_CACHE_DIR/data/v1/train.jsonl"
+    assert portable_path(default_adapter_dir()) == "casa_cli/adapters/smollm2-135m-instruct"
+    assert portable_path(tmp_path / "mine.jsonl") == str(tmp_path / "mine.jsonl")
