@@ -13,8 +13,8 @@ five ways, labels from the held-out split:
     nearest token embedding per frame, repeats merged, blanks dropped): how much of what was
     said the frames carry, as words;
   - whisper: the same on Whisper tiny.en's own transcript of the clip (its full model, decoder
-    and all, greedy): what the encoder the bridge is built on hears at best, so the ceiling of
-    any bridge on it;
+    and all, greedy): what the encoder the bridge is built on hears through the decoder it was
+    trained with;
   - bag of words: TF-IDF + logistic regression fitted on the training split, scoring the
     true transcripts (what a perfect transcribe-then-filter pipeline would see).
 Word error rates of the reading and the transcript, and every figure by voice, go beside.
@@ -49,10 +49,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def summary(labels, scores, threshold) -> dict:
     m = score_metrics(labels, scores, threshold)
-    harmful = [s for s, y in zip(scores, labels) if y == "harmful"]
-    benign = [s for s, y in zip(scores, labels) if y != "harmful"]
     if np.isnan(m["auroc"]):  # one class only (a small --limit's voice): no ranking to score
         return {"auroc": None}
+    harmful = [s for s, y in zip(scores, labels) if y == "harmful"]
+    benign = [s for s, y in zip(scores, labels) if y != "harmful"]
     return {"auroc": round(m["auroc"], 4), "tpr_at_5pct_fpr": round(m["tpr_at_5pct_fpr"], 4),
             "tpr_at_1pct_fpr": round(m["tpr_at_1pct_fpr"], 4),
             "flagged_harmful": round(float(np.mean(np.array(harmful) >= threshold)), 4),
