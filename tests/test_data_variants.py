@@ -1,21 +1,11 @@
 """benchmarks/data_variants.py renders candidate pairs as the built-in set renders its own."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from benchmark_scripts import load_benchmark
 
 
 def _module():
-    sys.path.insert(0, str(BENCHMARKS))  # it imports detection_ceiling beside it
-    try:
-        spec = importlib.util.spec_from_file_location("data_variants", BENCHMARKS / "data_variants.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return load_benchmark("data_variants")  # it imports detection_ceiling beside it
 
 
 def test_candidate_pairs_render_through_the_shipped_framings(tmp_path):

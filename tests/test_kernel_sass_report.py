@@ -1,20 +1,15 @@
 """benchmarks/kernel_sass_report.py: the SASS loop parser, the roofline arithmetic, and one
 real ahead-of-time compile for sm_90 (no GPU needed; skipped without Triton's NVIDIA tools)."""
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_sass_report.py"
-_spec = importlib.util.spec_from_file_location("kernel_sass_report", _PATH)
-report = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault(_spec.name, report)  # dataclasses look the module up
-_spec.loader.exec_module(report)
+report = load_benchmark("kernel_sass_report")
 
 # A cut-down `cuobjdump -sass` listing: an outer loop (0x0040..0x0100) around an inner loop
 # (0x0060..0x00c0) with a tensor-core op, a separate epilogue loop without one, a forward
@@ -122,7 +117,7 @@ def test_one_real_sm90_compile_has_registers_and_no_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "one.csv"
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, str(_PATH), "--csv", str(out), "--dtype", "bf16", "--B", "1",
+    subprocess.run([sys.executable, report.__file__, "--csv", str(out), "--dtype", "bf16", "--B", "1",
                     "--T", "512", "--d", "4096", "--K", "4"], check=True, env=env, timeout=300,
                    capture_output=True)
     assert time.perf_counter() - t0 < 300

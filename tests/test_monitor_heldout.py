@@ -1,19 +1,13 @@
 """benchmarks/monitor_heldout.py's summary: with --observe no answer is cut, and an answer
 counts as stopped at a threshold exactly when its highest p_unsafe reaches it."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "monitor_heldout.py"
+from benchmark_scripts import load_benchmark
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("monitor_heldout", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("monitor_heldout")
 
 
 def _summarise():

@@ -1,17 +1,12 @@
 """benchmarks/spoken_detection.py's tables: each voice's figures come from that voice's prompts
 alone, and a set with one class only scores no AUROC (None, never NaN in the JSON)."""
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "spoken_detection.py"
+from benchmark_scripts import load_benchmark
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("spoken_detection", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("spoken_detection")
 
 
 def row(voice, label, p, wer):
