@@ -67,8 +67,9 @@ PULL = 0.1
 # the frames settle onto the embeddings, where the language model reads them as the words
 # (measured on the spoken capital question: frames 1.26 from their nearest embedding answer
 # "The answer to this question is", the same frames snapped onto it answer "Paris"; after
-# these steps they are 0.41 away and answer "Paris"; runs 8 and 9 in
-# benchmarks/results/speech_bridge/README.md).
+# these steps, run as a chain of processes, they were 0.41 away and answered "Paris": runs 8
+# and 9 in benchmarks/results/speech_bridge/README.md. Run 10, the same stages in one
+# process, did not answer it: the stages are timed, and the bridges differ run to run).
 SETTLE = ((10.0, 1.0), (8.0, 3.0))
 SAMPLE_RATE = 16000
 
